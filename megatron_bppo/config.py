@@ -1,0 +1,243 @@
+"""Typed run configuration: YAML file -> dataclasses -> dotted command-line overrides -> validation.
+
+    cfg = load_config("examples/tiny.yaml", ["parallel.tp=2", "optim.lr=1e-5"])
+
+Every section is a dataclass; unknown keys, wrong types and bad values raise `ConfigError` with the
+dotted key and what to do about it, before any process group or model is created.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem in the configuration; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""                       # HF checkpoint directory (config.json + *.safetensors + tokenizer)
+    dtype: str = "float32"               # float32 | bfloat16 | float16 (params and compute)
+    trust_remote_code: bool = False      # never run code shipped with a checkpoint unless asked
+    spec: str = "auto"                   # auto | local | te   (auto: TransformerEngine spec when TE is importable)
+
+    def validate(self):
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("model.spec", self.spec, ("auto", "local", "te"))
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1                          # tensor-model-parallel size
+    pp: int = 1                          # pipeline-model-parallel size
+    dp: Optional[int] = None             # data-parallel size; None = world_size / (tp * pp)
+    backend: str = "auto"                # auto | nccl | gloo
+    timeout_s: int = 600                 # process-group timeout
+
+    def validate(self):
+        for key in ("tp", "pp"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key}={getattr(self, key)}: must be >= 1")
+        if self.dp is not None and self.dp < 1:
+            raise ConfigError(f"parallel.dp={self.dp}: must be >= 1 (or null to derive it from the world size)")
+        _choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None    # None: constant LR after warm-up
+    decay_style: str = "constant"        # constant | linear | cosine
+    use_distributed_optimizer: bool = True
+
+    def validate(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr}: must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr}: must be in [0, optim.lr={self.lr}]")
+        if self.clip_grad < 0:
+            raise ConfigError(f"optim.clip_grad={self.clip_grad}: must be >= 0 (0 disables clipping)")
+        _choice("optim.decay_style", self.decay_style, ("constant", "linear", "cosine"))
+        if self.decay_style != "constant" and not self.decay_steps:
+            raise ConfigError(f"optim.decay_style={self.decay_style} needs optim.decay_steps > 0")
+
+
+@dataclass
+class LearnerConfig:
+    micro_batch_tokens: int = 4096       # token budget of one packed micro-batch
+    max_seq_len: int = 1024              # longest sequence (prompt + response) the learner accepts
+    seed: int = 1234
+    recompute: bool = False              # full activation recomputation
+
+    def validate(self):
+        if self.micro_batch_tokens < self.max_seq_len:
+            raise ConfigError(
+                f"learner.micro_batch_tokens={self.micro_batch_tokens} < learner.max_seq_len={self.max_seq_len}: "
+                "a micro-batch must hold at least one full sequence; raise micro_batch_tokens")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""                        # Megatron dist-checkpoint root; "" disables saving
+    save_interval: int = 0               # steps between saves; 0 = only at the end
+    keep_last: int = 2
+    resume: bool = True                  # resume from the latest complete checkpoint under dir
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        if self.model.path and not os.path.isdir(self.model.path):
+            raise ConfigError(f"model.path={self.model.path!r} is not a directory: point it at a Hugging Face "
+                              "checkpoint directory (config.json + *.safetensors)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value: Any, allowed: tuple):
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, allowed))}")
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; known keys here: {', '.join(sorted(known))}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML / command-line value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(key, value, args[0])
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return [_coerce(key, v, item) for v in value]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a number, got a boolean")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r}: expected {tp.__name__}") from None
+        if tp is int:
+            if number != int(number):
+                raise ConfigError(f"{key}={value!r}: expected an integer")
+            return int(number)
+        return number
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is dict or typing.get_origin(tp) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping")
+        return dict(value)
+    return value
+
+
+def _build(cls, data: Any, prefix: str = ""):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise _unknown(dotted, names)
+        kwargs[key] = _coerce(dotted, value, hints[key])
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['a.b=1', 'c=x'] -> {'a': {'b': '1'}, 'c': 'x'} (values stay strings; typed later)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. parallel.tp=2")
+        key, value = item.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key segment")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, cls=Config):
+    """YAML at `path` (optional) + dotted overrides -> validated `cls` instance."""
+    data: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r}: top level must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(cls, data).validate()

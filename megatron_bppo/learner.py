@@ -1,0 +1,243 @@
+"""The Megatron learner: per-token log-probs of given sequences and a train step with a pluggable loss.
+
+    sequences (token lists, identical on every rank)
+      --(plan_micro_batches: balance tokens over DP ranks, pack by length under a token budget)--> micro-batches
+      --(get_forward_backward_func: TP/PP schedule over the model chunks)--> vocab-parallel logits
+      --(vocab_parallel_cross_entropy: no full-vocab gather)--> per-token log-probs
+      --(loss_fn, DDP grad reduce, distributed optimizer, grad clip, LR schedule)--> updated weights
+
+Micro-batches are padded, not packed: sequences are sorted by length and grouped so that
+batch * longest <= learner.micro_batch_tokens, which keeps padding small. Packed (THD) batches need
+TransformerEngine's fused attention, which megatron-core's local spec (the CPU path) does not support.
+
+Per-token tensors follow the targets: for a sequence of L tokens, index i holds log p(token[i+1] | token[:i+1]),
+so every per-token field has length L - 1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import LearnerConfig, OptimConfig
+
+
+@dataclass
+class MicroBatch:
+    indices: list[int]                  # global sequence indices
+    tokens: torch.Tensor                # [b, S] right-padded
+    lengths: torch.Tensor               # [b]
+    fields: dict                        # name -> [b, S-1] right-padded per-token tensors
+    weight: float = 1.0                 # 0 for the filler micro-batch of a DP rank with no sequences
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        positions = torch.arange(self.tokens.shape[1] - 1, device=self.tokens.device)
+        return positions.unsqueeze(0) < (self.lengths - 1).unsqueeze(1)
+
+
+def split_over_dp(lengths: list[int], dp_size: int) -> list[list[int]]:
+    """Longest-first greedy assignment of sequence indices to DP ranks, balancing token counts."""
+    shares: list[list[int]] = [[] for _ in range(dp_size)]
+    load = [0] * dp_size
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        rank = min(range(dp_size), key=lambda r: (load[r], r))
+        shares[rank].append(index)
+        load[rank] += lengths[index]
+    return [sorted(s) for s in shares]
+
+
+def pack_by_length(indices: list[int], lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Group sequences (longest first) so that len(group) * longest_in_group <= token_budget."""
+    groups: list[list[int]] = []
+    for index in sorted(indices, key=lambda i: (-lengths[i], i)):
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= token_budget:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+def collate(indices: list[int], sequences: list[torch.Tensor], fields: Optional[list[dict]], pad_id: int,
+            device, weight: float = 1.0) -> MicroBatch:
+    lengths = torch.tensor([len(sequences[i]) for i in indices])
+    width = int(lengths.max())
+    tokens = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    for row, i in enumerate(indices):
+        tokens[row, : lengths[row]] = sequences[i]
+    padded = {}
+    for name in (fields[indices[0]] if fields else {}):
+        values = torch.zeros(len(indices), width - 1, dtype=fields[indices[0]][name].dtype)
+        for row, i in enumerate(indices):
+            value = fields[i][name]
+            if value.shape[0] != lengths[row] - 1:
+                raise ValueError(f"field {name!r} of sequence {i} has {value.shape[0]} entries; expected "
+                                 f"len(tokens) - 1 = {int(lengths[row]) - 1}")
+            values[row, : value.shape[0]] = value
+        padded[name] = values.to(device)
+    return MicroBatch(list(indices), tokens.to(device), lengths.to(device), padded, weight)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[b, S, V/tp] vocab-parallel logits -> [b, S-1] log p(token[i+1]); shards are never gathered."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    shifted = logits[:, :-1].float() / temperature            # a fresh tensor: the CE kernel edits it in place
+    return -vocab_parallel_cross_entropy(shifted.contiguous(), tokens[:, 1:].contiguous())
+
+
+LossFn = Callable[[torch.Tensor, MicroBatch], "tuple[torch.Tensor, dict]"]
+
+
+class Learner:
+    """Owns the DDP-wrapped model chunks, the Megatron optimizer and the LR schedule."""
+
+    def __init__(self, models: list, optim: OptimConfig, learner: LearnerConfig, pad_id: int = 0,
+                 temperature: float = 1.0):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.cfg, self.optim_cfg = learner, optim
+        self.pad_id, self.temperature = pad_id, temperature
+        self.ps = ps
+        config = models[0].config
+        self.device = next(models[0].parameters()).device
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=optim.use_distributed_optimizer,
+            overlap_grad_reduce=False, bucket_size=None)
+        self.models = [DistributedDataParallel(config, ddp_config, m) for m in models]
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [m.no_sync for m in self.models]
+        if len(self.models) == 1:
+            config.no_sync_func = config.no_sync_func[0]
+        if learner.recompute:
+            config.recompute_granularity, config.recompute_method, config.recompute_num_layers = "full", "uniform", 1
+        self.config = config
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+            clip_grad=optim.clip_grad, bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
+            use_distributed_optimizer=optim.use_distributed_optimizer), self.models)
+        decay_steps = optim.decay_steps or max(optim.warmup_steps, 1)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr,
+            min_lr=optim.min_lr, lr_warmup_steps=optim.warmup_steps,
+            lr_decay_steps=max(decay_steps, optim.warmup_steps + 1), lr_decay_style=optim.decay_style,
+            start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=1,
+            wd_incr_style="constant")
+        self.step = 0
+
+    # ---------------------------------------------------------------- batching
+    def _micro_batches(self, sequences, fields) -> list[MicroBatch]:
+        lengths = [len(s) for s in sequences]
+        if min(lengths, default=0) < 2:
+            raise ValueError("every sequence needs at least 2 tokens (a prompt token and a target)")
+        if max(lengths) > self.cfg.max_seq_len:
+            raise ValueError(f"a sequence of {max(lengths)} tokens exceeds learner.max_seq_len="
+                             f"{self.cfg.max_seq_len}; raise it or shorten rollouts")
+        dp_rank, dp_size = self.ps.get_data_parallel_rank(), self.ps.get_data_parallel_world_size()
+        mine = split_over_dp(lengths, dp_size)[dp_rank]
+        if not mine:      # fewer sequences than DP ranks: run one zero-weight copy so collectives line up
+            return [collate([0], sequences, fields, self.pad_id, self.device, weight=0.0)]
+        return [collate(group, sequences, fields, self.pad_id, self.device)
+                for group in pack_by_length(mine, lengths, self.cfg.micro_batch_tokens)]
+
+    def _run(self, batches: list[MicroBatch], loss_func, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            positions = torch.arange(mb.tokens.shape[1], device=self.device).unsqueeze(0).expand_as(mb.tokens)
+            logits = model(input_ids=mb.tokens, position_ids=positions, attention_mask=None)
+            return logits, partial(loss_func, mb)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=self.models,
+            num_microbatches=len(batches), seq_length=max(b.tokens.shape[1] for b in batches),
+            micro_batch_size=max(b.tokens.shape[0] for b in batches), forward_only=forward_only)
+
+    def _reports_results(self) -> bool:
+        """One rank per DP replica reports: the last PP stage, TP rank 0."""
+        return self.ps.is_pipeline_last_stage() and self.ps.get_tensor_model_parallel_rank() == 0
+
+    # ---------------------------------------------------------------- public API
+    @torch.no_grad()
+    def compute_logprobs(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-token log-probs (length L-1 each) of every sequence, returned on every rank."""
+        for m in self.models:
+            m.eval()
+        batches = self._micro_batches(sequences, None)
+        offsets = [0]
+        for s in sequences:
+            offsets.append(offsets[-1] + len(s) - 1)
+        flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)
+
+        def collect(mb, logits):
+            lp = token_logprobs(logits, mb.tokens, self.temperature)
+            if mb.weight and self._reports_results():
+                for row, i in enumerate(mb.indices):
+                    flat[offsets[i]: offsets[i + 1]] = lp[row, : offsets[i + 1] - offsets[i]]
+            return torch.zeros((), device=self.device), {}
+
+        self._run(batches, collect, forward_only=True)
+        if dist.is_initialized():
+            dist.all_reduce(flat)
+        return [flat[offsets[i]: offsets[i + 1]].clone() for i in range(len(sequences))]
+
+    def train_step(self, sequences: list[torch.Tensor], fields: list[dict], loss_fn: LossFn) -> dict:
+        """One optimizer step over all `sequences` (the full batch, identical on every rank).
+
+        `loss_fn(logprobs[b, S-1], micro_batch) -> (loss, metrics)` must return this micro-batch's share of
+        the global loss (sum over its tokens of the per-token terms divided by a global normaliser carried
+        in `fields`), so that the sum over all micro-batches and DP ranks is the batch loss; metrics are
+        summed the same way. Megatron divides each micro-batch loss by the number of micro-batches and DDP
+        averages gradients over DP ranks; both are undone here, so gradients are exact for any aggregation.
+        """
+        for m in self.models:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        batches = self._micro_batches(sequences, fields)
+        scale = len(batches) * self.ps.get_data_parallel_world_size()
+        sums: dict[str, float] = {}
+
+        def loss_func(mb, logits):
+            logprobs = token_logprobs(logits, mb.tokens, self.temperature)
+            loss, metrics = loss_fn(logprobs, mb)
+            loss = loss * mb.weight
+            if mb.weight and self.ps.get_tensor_model_parallel_rank() == 0:
+                for key, value in {"loss": loss, **metrics}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
+            return loss * scale, {}
+
+        self._run(batches, loss_func, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+            self.step += 1
+        metrics = self._sum_over_replicas(sums)
+        metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+                       lr=self.optimizer.param_groups[0]["lr"], update_ok=float(bool(update_ok)),
+                       micro_batches=float(len(batches)))
+        return metrics
+
+    def _sum_over_replicas(self, sums: dict) -> dict:
+        if not dist.is_initialized():
+            return dict(sums)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sums if self._reports_results() else {})
+        total: dict[str, float] = {}
+        for part in gathered:
+            for key, value in part.items():
+                total[key] = total.get(key, 0.0) + value
+        return total
+
+    def unwrapped_models(self) -> list:
+        return [m.module for m in self.models]

@@ -1,0 +1,192 @@
+"""HF checkpoint directory <-> megatron-core GPTModel, through mbridge (pinned 0.15.1).
+
+    hf dir --(HFBridge.build: mbridge name map, TP split, PP stage)--> [GPTModel chunk]
+    [GPTModel chunk] --(HFBridge.export_hf_weights: TP all-gather, PP broadcast, HF names)--> (name, tensor)*
+
+Supported: the dense Llama / Qwen2 / Qwen2.5 / Qwen3 family (HF model_type llama, qwen2, qwen3). Weights are
+read with safetensors only; `trust_remote_code` stays off unless the config asks for it.
+
+mbridge adaptations (instance-level configuration of the bridge object; nothing global is patched):
+- mbridge 0.15.1 always builds the TransformerEngine layer spec (llm_bridge.py `_get_transformer_layer_spec`)
+  and maps TE's fused-norm parameter names (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`).
+  Without TE we use megatron-core's local spec and map its `input_layernorm` / `pre_mlp_layernorm` names.
+- transformers 5 moved `rope_theta` into `config.rope_parameters`; mbridge reads `hf_config.rope_theta`.
+- mbridge's get_model calls `.cuda()` unless (use_torch_fsdp2 and use_cpu_initialization); on CPU we pass
+  both (with wrap_with_ddp=False the fsdp2 flag has no other effect) and wrap Megatron DDP ourselves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import types
+from typing import Iterator
+
+import torch
+
+from ..config import ConfigError
+from ..platform import current_platform, have_transformer_engine
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CPU_CONFIG = dict(
+    use_cpu_initialization=True, sequence_parallel=False, masked_softmax_fusion=False,
+    bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+    persist_layer_norm=False, gradient_accumulation_fusion=False, batch_p2p_comm=False,
+)
+
+
+def read_hf_config(hf_dir: str, trust_remote_code: bool = False):
+    """Load and check an HF config; clear errors for a missing/unsupported checkpoint directory."""
+    if not os.path.isdir(hf_dir):
+        raise ConfigError(f"model.path={hf_dir!r} is not a directory: point it at a Hugging Face checkpoint")
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise ConfigError(f"model.path={hf_dir!r} has no config.json: is it a Hugging Face checkpoint directory?")
+    if not any(f.endswith(".safetensors") for f in os.listdir(hf_dir)):
+        raise ConfigError(f"model.path={hf_dir!r} has no *.safetensors weights (only safetensors are loaded, "
+                          "never pickled .bin files); convert it with `save_pretrained(safe_serialization=True)`")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ConfigError(f"model.path={hf_dir!r}: transformers cannot read config.json ({e})") from e
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"model.path={hf_dir!r} is a {config.model_type!r} model; supported model types: "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if not hasattr(config, "rope_theta"):
+        config.rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    scaling = getattr(config, "rope_scaling", None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default", "linear"):
+        raise ConfigError(f"model.path={hf_dir!r}: rope scaling {scaling} is not supported by this bridge "
+                          "(only none or linear)")
+    return config
+
+
+def model_dims(hf_config) -> dict:
+    return dict(num_heads=hf_config.num_attention_heads,
+                num_kv_heads=getattr(hf_config, "num_key_value_heads", hf_config.num_attention_heads),
+                num_layers=hf_config.num_hidden_layers, vocab_size=hf_config.vocab_size)
+
+
+class HFBridge:
+    """One HF checkpoint family <-> Megatron GPTModel; call after parallel_state is initialised."""
+
+    def __init__(self, hf_dir: str, dtype: str = "float32", spec: str = "auto", trust_remote_code: bool = False):
+        from mbridge import AutoBridge
+
+        self.hf_dir = hf_dir
+        self.hf_config = read_hf_config(hf_dir, trust_remote_code)
+        self.dtype = _DTYPES[dtype]
+        self.platform = current_platform()
+        self.use_te = spec == "te" or (spec == "auto" and have_transformer_engine())
+        if spec == "te" and not have_transformer_engine():
+            raise ConfigError("model.spec=te but TransformerEngine is not importable on a CUDA machine: "
+                              "install the gpu extra or use model.spec=local")
+        self.bridge = AutoBridge.from_config(self.hf_config, dtype=self.dtype)
+        extra = dict(variable_seq_lengths=True, batch_p2p_comm=False)
+        if not self.platform.is_cuda:
+            extra.update(_CPU_CONFIG)
+        if not self.use_te:
+            extra["sequence_parallel"] = False      # torch norms have no sequence-parallel support
+            self._use_local_spec()
+        self.bridge.set_extra_args(**extra)
+        self.config = self.bridge.config
+
+    def _use_local_spec(self):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        bridge = self.bridge
+
+        def local_spec(self_, vp_stage=None):
+            self_.has_vp_stage = True
+            return get_gpt_decoder_block_spec(self_.config, use_transformer_engine=False, vp_stage=vp_stage)
+
+        bridge._get_transformer_layer_spec = types.MethodType(local_spec, bridge)
+        bridge._OTHER_MAPPING = {**type(bridge)._OTHER_MAPPING,
+                                 "input_layernorm.weight": ["model.layers.{layer_number}.input_layernorm.weight"]}
+        bridge._MLP_MAPPING = {**type(bridge)._MLP_MAPPING, "pre_mlp_layernorm.weight":
+                               ["model.layers.{layer_number}.post_attention_layernorm.weight"]}
+
+    def build(self, load_weights: bool = True) -> list[torch.nn.Module]:
+        """Megatron model chunks for this rank's pipeline stage (no DDP), weights from the HF dir."""
+        on_cpu = not self.platform.is_cuda
+        return self.bridge.get_model(
+            weight_path=self.hf_dir if load_weights else None, wrap_with_ddp=False,
+            bf16=self.dtype is torch.bfloat16, fp16=self.dtype is torch.float16,
+            use_cpu_initialization=on_cpu, use_torch_fsdp2=on_cpu)
+
+    def load_hf_weights(self, models, hf_dir: str | None = None):
+        self.bridge.load_weights(models, hf_dir or self.hf_dir)
+
+    @torch.no_grad()
+    def export_hf_weights(self, models) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full HF-named tensors, TP-gathered and broadcast across PP; every rank receives every tensor.
+        Tied embeddings are yielded once."""
+        seen = set()
+        for name, tensor in self.bridge.export_weights(models):
+            if name in seen:
+                continue
+            seen.add(name)
+            yield name, tensor
+
+    def save_hf(self, models, out_dir: str, shard_bytes: int = 2 << 30, progress=None):
+        """Write safetensors shards + index, config, generation config and tokenizer (rank 0 writes)."""
+        save_hf_checkpoint(self.export_hf_weights(models), out_dir, self.hf_config, self.hf_dir,
+                           shard_bytes=shard_bytes, progress=progress)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
+
+
+def copy_hf_side_files(src_dir: str, out_dir: str):
+    """Tokenizer and generation config travel with the weights."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src_dir, name)
+        if os.path.isfile(path):
+            shutil.copy2(path, os.path.join(out_dir, name))
+
+
+def save_hf_checkpoint(named_tensors, out_dir: str, hf_config, side_files_dir: str | None,
+                       shard_bytes: int = 2 << 30, progress=None):
+    """Stream (name, tensor) into HF safetensors shards on rank 0; other ranks only drive the collectives."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        os.makedirs(out_dir, exist_ok=True)
+    shard, shard_size, shards, weight_map = {}, 0, [], {}
+
+    def flush():
+        nonlocal shard, shard_size
+        if shard:
+            fname = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            shards.append(fname)
+            weight_map.update({k: fname for k in shard})
+            shard, shard_size = {}, 0
+
+    for name, tensor in named_tensors:
+        if not rank0:
+            continue
+        shard[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        shard_size += tensor.numel() * tensor.element_size()
+        if progress:
+            progress(name, tensor)
+        if shard_size >= shard_bytes:
+            flush()
+    if not rank0:
+        return
+    flush()
+    if len(shards) == 1:
+        os.replace(os.path.join(out_dir, shards[0]), os.path.join(out_dir, "model.safetensors"))
+    else:
+        total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in shards)
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf_config.save_pretrained(out_dir)
+    if side_files_dir:
+        copy_hf_side_files(side_files_dir, out_dir)

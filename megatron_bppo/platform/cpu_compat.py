@@ -1,0 +1,209 @@
+"""megatron-core compatibility workarounds for a CPU-only torch build over gloo.
+
+Checked against megatron-core 0.16.1 and torch 2.13.0+cpu (no TransformerEngine, no Apex). megatron-core
+assumes CUDA in a handful of places; each `Workaround` below names the file that needs it, why, and how it
+is undone. `apply()` installs all of them (CPU only); `MEGATRON_BPPO_CPU_SKIP=name1,name2` leaves some out,
+which tests/test_platform.py uses to prove every workaround is still needed and still sufficient.
+
+Choices made by configuration instead of patches (see model/bridge.py): batch_p2p_comm=False (so
+p2p_communication.py:398 never synchronizes after batched p2p), sequence_parallel=False (torch LayerNorm/RMSNorm
+has no sequence-parallel support without TE/Apex), all fusions off, use_cpu_initialization=True.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+MEGATRON_CORE_CHECKED = "0.16.1"
+_CPU = torch.device("cpu")
+
+
+@dataclass
+class Workaround:
+    name: str
+    where: str           # the megatron-core file(s) that need it
+    why: str
+    install: Callable[[], None]
+
+
+def _is_cuda_device(d) -> bool:
+    if isinstance(d, torch.device):
+        return d.type == "cuda"
+    if isinstance(d, str):
+        return d.startswith("cuda")
+    return False
+
+
+class _CudaDeviceToCpu(TorchFunctionMode):
+    """Rewrites `device="cuda"` in tensor factory calls to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+            kwargs.pop("pin_memory", None)
+        return func(*args, **kwargs)
+
+
+_MODE: _CudaDeviceToCpu | None = None
+
+
+def _install_current_device():
+    torch.cuda.current_device = lambda: _CPU
+
+
+def _install_synchronize():
+    torch.cuda.synchronize = lambda *a, **k: None
+
+
+def _install_tensor_type():
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        with torch._C.DisableTorchFunction():
+            name = original(self, dtype, non_blocking, **kwargs)
+        if dtype is None and not kwargs and isinstance(name, str) and self.device.type == "cpu" \
+                and name.startswith("torch.") and not name.startswith(("torch.cuda.", "torch.sparse")):
+            return "torch.cuda." + name[len("torch."):]
+        return name
+
+    torch.Tensor.type = type_
+
+
+def _install_cuda_rng():
+    import megatron.core.tensor_parallel.random as mrandom
+
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    # not torch.manual_seed: it calls torch.cuda.manual_seed_all and would recurse into this patch
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # every dropout fork now logs 'CPU RNG state changed within GPU RNG context': expected here.
+    logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
+
+
+def _install_device_literals():
+    global _MODE
+    if _MODE is None:
+        _MODE = _CudaDeviceToCpu()
+        _MODE.__enter__()        # process lifetime; TorchFunctionMode is per thread (the main thread here)
+
+
+def _install_distopt_load_states():
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        destination = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            destination[key].copy_(value)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def _install_distopt_step_copy():
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        with torch.no_grad():
+            result = original(self, state_dict)
+        for optimizer in getattr(self, "chained_optimizers", [self]):
+            for state in optimizer.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+        return result
+
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+
+WORKAROUNDS = [
+    Workaround(
+        "current_device",
+        "distributed/param_and_grad_buffer.py:800, tensor_parallel/layers.py, utils.py:631 (GlobalMemoryBuffer), "
+        "models/common/embeddings/rotary_pos_embedding.py:162, pipeline_parallel/p2p_communication.py:190",
+        "allocate with device=torch.cuda.current_device(), which raises 'Torch not compiled with CUDA enabled'",
+        _install_current_device),
+    Workaround(
+        "synchronize",
+        "pipeline_parallel/p2p_communication.py:242 (_communicate_shapes, taken with variable_seq_lengths=True)",
+        "calls torch.cuda.synchronize() unconditionally after exchanging shapes; CPU ops are synchronous, "
+        "so a no-op is exact",
+        _install_synchronize),
+    Workaround(
+        "tensor_type",
+        "optimizer/distrib_optimizer.py:420, optimizer/optimizer.py:690, optimizer/clip_grads.py:167",
+        "dispatch/assert on param.type() == 'torch.cuda.FloatTensor'; CPU tensors report torch.FloatTensor",
+        _install_tensor_type),
+    Workaround(
+        "cuda_rng",
+        "tensor_parallel/random.py:235 (CudaRNGStatesTracker.add) and :41/:72",
+        "the model-parallel RNG tracker (dropout, init, attention fork) reads/writes torch.cuda RNG state; "
+        "back it with the CPU default generator",
+        _install_cuda_rng),
+    Workaround(
+        "device_literals",
+        "pipeline_parallel/schedules.py:596, optimizer/clip_grads.py:90-207, optimizer/optimizer.py:473, "
+        "transformer/utils.py:35 (causal mask), distributed/param_and_grad_buffer.py:768",
+        "factory calls with a literal device='cuda'; a TorchFunctionMode rewrites them to the CPU",
+        _install_device_literals),
+    Workaround(
+        "distopt_load_states",
+        "optimizer/distrib_optimizer.py:911 (_set_main_param_and_optimizer_states)",
+        "with torch Adam (no Apex/TE) the fully_reshardable load passes no 'step' tensor while the destination "
+        "has one -> KeyError: 'step'; copy only the keys present in the checkpoint",
+        _install_distopt_load_states),
+    Workaround(
+        "distopt_step_copy",
+        "optimizer/distrib_optimizer.py (load_state_dict, non-Apex/TE 'step' path)",
+        "load_state_dict assigns one shared 'step' tensor to every param; torch Adam increments it once per "
+        "param, corrupting bias correction (silent). Give each param its own copy; load under no_grad "
+        "(in-place copy into leaf views otherwise raises)",
+        _install_distopt_step_copy),
+]
+
+
+def skipped() -> set[str]:
+    return set(filter(None, os.environ.get("MEGATRON_BPPO_CPU_SKIP", "").split(",")))
+
+
+_APPLIED: list[str] = []
+
+
+def apply() -> list[str]:
+    """Install every CPU workaround (idempotent). Returns the names applied."""
+    if _APPLIED or torch.cuda.is_available():
+        return list(_APPLIED)
+    skip = skipped()
+    unknown = skip - {w.name for w in WORKAROUNDS}
+    if unknown:
+        raise ValueError(f"MEGATRON_BPPO_CPU_SKIP names unknown workarounds {sorted(unknown)}; "
+                         f"known: {[w.name for w in WORKAROUNDS]}")
+    for workaround in WORKAROUNDS:
+        if workaround.name not in skip:
+            workaround.install()
+            _APPLIED.append(workaround.name)
+    return list(_APPLIED)
+
+
+def prepare_optimizer_for_load(optimizer) -> None:
+    """Torch Adam (no Apex/TE) has no state before its first step, but DistributedOptimizer's
+    sharded_state_dict(is_loading=True) asserts one common 'step' (distrib_optimizer.py:642). Create
+    the state (zeros) so the load has somewhere to go. Harmless where state already exists."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(chained, "init_state_fn") and chained.init_state_fn is not None:
+            if not chained.optimizer.state:
+                chained.init_state_fn(chained.optimizer, chained.config)
+            for state in chained.optimizer.state.values():
+                state.setdefault("step", torch.tensor(0.0))
