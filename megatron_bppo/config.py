@@ -150,6 +150,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return [_coerce(key, v, item) for v in value]
     if tp is Any:
         return value
+    if isinstance(value, dict) and not dataclasses.is_dataclass(tp) and tp is not dict \
+            and typing.get_origin(tp) is not dict:
+        raise ConfigError(f"{key} is a value, not a section: write {key}=<value>")
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -35,13 +35,13 @@ _CPU_CONFIG = dict(
 )
 
 
-def read_hf_config(hf_dir: str, trust_remote_code: bool = False):
+def read_hf_config(hf_dir: str, trust_remote_code: bool = False, require_weights: bool = True):
     """Load and check an HF config; clear errors for a missing/unsupported checkpoint directory."""
     if not os.path.isdir(hf_dir):
         raise ConfigError(f"model.path={hf_dir!r} is not a directory: point it at a Hugging Face checkpoint")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ConfigError(f"model.path={hf_dir!r} has no config.json: is it a Hugging Face checkpoint directory?")
-    if not any(f.endswith(".safetensors") for f in os.listdir(hf_dir)):
+    if require_weights and not any(f.endswith(".safetensors") for f in os.listdir(hf_dir)):
         raise ConfigError(f"model.path={hf_dir!r} has no *.safetensors weights (only safetensors are loaded, "
                           "never pickled .bin files); convert it with `save_pretrained(safe_serialization=True)`")
     from transformers import AutoConfig
@@ -71,11 +71,12 @@ def model_dims(hf_config) -> dict:
 class HFBridge:
     """One HF checkpoint family <-> Megatron GPTModel; call after parallel_state is initialised."""
 
-    def __init__(self, hf_dir: str, dtype: str = "float32", spec: str = "auto", trust_remote_code: bool = False):
+    def __init__(self, hf_dir: str, dtype: str = "float32", spec: str = "auto", trust_remote_code: bool = False,
+                 require_weights: bool = True):
         from mbridge import AutoBridge
 
         self.hf_dir = hf_dir
-        self.hf_config = read_hf_config(hf_dir, trust_remote_code)
+        self.hf_config = read_hf_config(hf_dir, trust_remote_code, require_weights)
         self.dtype = _DTYPES[dtype]
         self.platform = current_platform()
         self.use_te = spec == "te" or (spec == "auto" and have_transformer_engine())

@@ -61,6 +61,10 @@ def _install_synchronize():
     torch.cuda.synchronize = lambda *a, **k: None
 
 
+def _install_tensor_cuda():
+    torch.Tensor.cuda = lambda self, *a, **k: self
+
+
 def _install_tensor_type():
     original = torch.Tensor.type
 
@@ -141,6 +145,12 @@ WORKAROUNDS = [
         "calls torch.cuda.synchronize() unconditionally after exchanging shapes; CPU ops are synchronous, "
         "so a no-op is exact",
         _install_synchronize),
+    Workaround(
+        "tensor_cuda",
+        "optimizer/distrib_optimizer.py:1089 (get_parameter_state_dp_zero, used by the fully_reshardable "
+        "checkpoint format), tensor_parallel/data.py:84 (broadcast_data)",
+        "move tensors with Tensor.cuda() before collectives; on CPU the tensor is already where gloo needs it",
+        _install_tensor_cuda),
     Workaround(
         "tensor_type",
         "optimizer/distrib_optimizer.py:420, optimizer/optimizer.py:690, optimizer/clip_grads.py:167",

@@ -1,0 +1,435 @@
+"""Deterministic tiny tokenizers and HF checkpoints for tests and CI (offline, CPU, seconds).
+
+* :func:`train_tiny_tokenizer` trains a byte-level BPE on a generated corpus (arithmetic word problems,
+  digits, English words) with ChatML special tokens and chat template, and saves it with ``save_pretrained``.
+* :func:`make_tiny_checkpoint` builds a random ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` whose every parameter
+  (norms and biases included) is re-drawn from a seeded generator, so that weight-mapping errors show up as
+  logit differences. It saves safetensors + config + generation_config + tokenizer in one directory.
+  Results are cached: a marker file holds the hash of the arguments and the list of files; a complete
+  directory with the same hash is returned at once. Directories are built in a temporary sibling and renamed
+  into place, so an interrupted build never leaves a half directory that looks complete.
+* :func:`tiny_checkpoint_cache` picks a directory under a root, keyed by the arguments, and builds it there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = [
+    "CHATML_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "MARKER_NAME",
+    "make_tiny_checkpoint",
+    "tiny_checkpoint_cache",
+    "tiny_corpus",
+    "train_tiny_tokenizer",
+]
+
+# Ids 0, 1, 2 in this order, as in SmolLM2.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
+
+# Plain ChatML (Qwen2/SmolLM2 style, without a default system prompt).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+MARKER_NAME = ".megatron_bppo_complete.json"
+# Bump when the build recipe changes, so old caches are rebuilt instead of silently reused.
+_FORMAT_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic, marker-checked directories (shared with smollm2.py)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _args_hash(kind: str, args: dict[str, Any]) -> str:
+    blob = json.dumps({"kind": kind, "format": _FORMAT_VERSION, "args": args}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        with open(path / MARKER_NAME) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _is_complete(path: Path, kind: str, args_hash: str | None = None) -> bool:
+    """True when ``path`` holds a marker of ``kind`` (with ``args_hash`` if given) and every listed file exists."""
+    marker = _read_marker(Path(path))
+    if not marker or marker.get("kind") != kind:
+        return False
+    if args_hash is not None and marker.get("args_hash") != args_hash:
+        return False
+    files = marker.get("files") or []
+    return bool(files) and all((Path(path) / f).is_file() for f in files)
+
+
+def _write_marker(path: Path, kind: str, args_hash: str, args: dict[str, Any], extra: dict | None = None) -> None:
+    files = sorted(
+        str(p.relative_to(path)) for p in Path(path).rglob("*") if p.is_file() and p.name != MARKER_NAME
+    )
+    marker = {"kind": kind, "args_hash": args_hash, "args": args, "files": files, **(extra or {})}
+    tmp = Path(path) / (MARKER_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(marker, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, Path(path) / MARKER_NAME)  # the marker is written last: its presence means "complete"
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace a non-empty directory that this module did not create."""
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a directory")
+        if any(out.iterdir()) and _read_marker(out) is None:
+            raise FileExistsError(
+                f"{out} exists, is not empty and has no {MARKER_NAME}; refusing to overwrite it. "
+                "Pass an empty or new directory."
+            )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp_dirs(out: Path) -> None:
+    """Delete ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` siblings left by killed builds (dead pid)."""
+    for p in out.parent.glob(f".{out.name}.*-*-*"):
+        kind, _, rest = p.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _new_tmp_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp_dirs(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _publish_dir(tmp: Path, out: Path, is_complete: Callable[[Path], bool]) -> Path:
+    """Move the finished ``tmp`` to ``out``. If a concurrent builder already published a complete ``out``, keep
+    that one. A stale ``out`` (other arguments, or no longer complete) is moved aside and deleted."""
+    try:
+        os.rename(tmp, out)  # atomic; succeeds when out is absent or an empty directory
+        return out
+    except OSError:
+        pass
+    if is_complete(out):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    trash = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.rename(out, trash)
+    os.rename(tmp, out)
+    shutil.rmtree(trash, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------------
+
+_NAMES = ["Tom", "Anna", "Lily", "Omar", "Ben", "Sara", "Max", "Mia", "Leo", "Ava", "Noah", "Emma", "Ravi", "Yuki"]
+_ITEMS = ["apples", "books", "pencils", "cookies", "marbles", "stickers", "coins", "cards", "eggs", "flowers",
+          "cars", "shells", "boxes", "cups", "oranges", "candies"]
+_WORDS = (
+    "the of and to in is was that for it with as on be at by this had not are but from or have an they which one "
+    "you were her all she there would their we him been has when who will more no if out so said what up its about "
+    "into than them can only other new some could time these two may then do first any my now such like our over "
+    "man me even most made after also did many before must through back years where much your way well down should "
+    "because each just those people how too little state good very make world still own see men work long get here "
+    "between both life being under never day same another know while last might us great old year off come since "
+    "against go came right used take three number answer question problem solve step total each more less left "
+    "buys gives finds loses eats sells shares equal sum difference product quotient remainder twice half double "
+    "triple four five six seven eight nine ten hundred thousand zero plus minus times divided multiply add "
+    "subtract think reason check final result correct wrong please assistant user system helpful"
+).split()
+
+
+def tiny_corpus(n_problems: int = 1500, seed: int = 1234) -> list[str]:
+    """A deterministic generated corpus: word problems with worked answers, bare arithmetic, digit runs,
+    English filler and chat-like lines. About 200 KB with the defaults."""
+    rng = random.Random(seed)
+    lines: list[str] = []
+    for i in range(n_problems):
+        name, other = rng.sample(_NAMES, 2)
+        item = rng.choice(_ITEMS)
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        kind = i % 4
+        if kind == 0:
+            q = f"{name} has {a} {item}. {other} gives {name} {b} more. How many {item} does {name} have now?"
+            r = f"{name} has {a} + {b} = {a + b} {item}. The answer is \\boxed{{{a + b}}}."
+        elif kind == 1:
+            a, b = max(a, b), min(a, b)
+            q = f"{name} had {a} {item} and gave {b} to {other}. How many {item} are left?"
+            r = f"{a} - {b} = {a - b}. {name} has {a - b} {item} left. #### {a - b}"
+        elif kind == 2:
+            a, b = rng.randint(2, 12), rng.randint(2, 30)
+            q = f"There are {a} boxes with {b} {item} in each box. How many {item} are there in total?"
+            r = f"<think>{a} * {b} = {a * b}</think> There are {a * b} {item}. Answer: {a * b}"
+        else:
+            b = rng.randint(2, 12)
+            a = b * rng.randint(2, 20)
+            q = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
+            r = f"{a} / {b} = {a // b}. Each friend gets {a // b} {item}. The final answer is {a // b}."
+        lines.append(f"Question: {q}\nAnswer: {r}")
+        lines.append(f"user\n{q}\nassistant\n{r}")
+        x, y = rng.randint(0, 9999), rng.randint(0, 9999)
+        op = rng.choice(["+", "-", "*"])
+        val = x + y if op == "+" else x - y if op == "-" else x * y
+        lines.append(f"{x} {op} {y} = {val}; {x}{op}{y}={val}")
+        lines.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 16))).capitalize() + ".")
+    lines.append(" ".join(str(d) for d in range(10)) + " " + "".join(str(d) for d in range(10)))
+    lines.append("You are a helpful assistant. Please reason step by step, and put your final answer in \\boxed{}.")
+    return lines
+
+
+def train_tiny_tokenizer(out_dir: str | os.PathLike | None, vocab_size: int = 512, *, model_max_length: int = 512):
+    """Train a byte-level BPE (``tokenizers``) on :func:`tiny_corpus`, wrap it as a ``PreTrainedTokenizerFast`` with
+    ChatML special tokens (``<|endoftext|>``=0 = pad, ``<|im_start|>``=1, ``<|im_end|>``=2 = eos; no BOS is added)
+    and a ChatML ``chat_template``; save it to ``out_dir`` (skipped when ``out_dir`` is None) and return it.
+
+    Deterministic: the same ``vocab_size`` gives the same vocabulary and merges. Digits are split one per token
+    (as in Qwen2/SmolLM2). ``len(tokenizer) == vocab_size`` for sizes the corpus supports (up to a few thousand).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (byte alphabet + special tokens)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tiny_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        fast.save_pretrained(str(out_dir))
+        _portable_tokenizer_class(Path(out_dir))
+    return fast
+
+
+def _portable_tokenizer_class(path: Path) -> None:
+    """transformers 5 writes ``"tokenizer_class": "TokenizersBackend"``, which 4.x cannot resolve; the 4.x/5.x
+    common name for the same class is ``PreTrainedTokenizerFast``. Also drops load-time keys that 5.x leaks into
+    the saved config (``is_local``, ``local_files_only``)."""
+    cfg_path = path / "tokenizer_config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("tokenizer_class") == "TokenizersBackend":
+            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        for key in ("is_local", "local_files_only"):
+            cfg.pop(key, None)
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def _fix_permissions(path: Path) -> None:
+    """safetensors writes model.safetensors with mode 0600; make every file readable like the others (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in Path(path).rglob("*"):
+        if p.is_file():
+            os.chmod(p, 0o666 & ~umask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint
+# ---------------------------------------------------------------------------------------------------------
+
+_ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+
+
+def _norm_dtype(dtype) -> str:
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    name = str(dtype).removeprefix("torch.")
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return name
+
+
+def _checkpoint_args(arch, tie_word_embeddings, hidden, layers, heads, kv_heads, head_dim, intermediate,
+                     vocab_size, max_position_embeddings, seed, dtype) -> dict[str, Any]:
+    if arch not in _ARCHS:
+        raise ValueError(f"arch must be one of {sorted(_ARCHS)}, got {arch!r}")
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    return dict(arch=arch, tie_word_embeddings=bool(tie_word_embeddings), hidden=int(hidden), layers=int(layers),
+                heads=int(heads), kv_heads=int(kv_heads), head_dim=int(head_dim), intermediate=int(intermediate),
+                vocab_size=int(vocab_size), max_position_embeddings=int(max_position_embeddings), seed=int(seed),
+                dtype=_norm_dtype(dtype))
+
+
+def _redraw_(model, seed: int, std: float = 0.05) -> None:
+    """Re-draw every parameter from a seeded generator: matrices and biases ~ N(0, std), norm weights ~ U(0.8, 1.2)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):  # tied params appear once
+            if "norm" in name:
+                val = 1.0 + 0.4 * (torch.rand(p.shape, generator=g, dtype=torch.float32) - 0.5)
+            else:
+                val = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
+            p.copy_(val.to(p.dtype))
+
+
+def make_tiny_checkpoint(
+    out_dir: str | os.PathLike,
+    arch: str = "llama",
+    tie_word_embeddings: bool = False,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 32,
+    intermediate: int = 256,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+    dtype="float32",
+) -> Path:
+    """Build (or reuse) a random tiny HF checkpoint in ``out_dir`` and return ``Path(out_dir)``.
+
+    ``arch``: ``"llama"`` (no biases) or ``"qwen2"`` (q/k/v biases). Every parameter is re-drawn from ``seed``
+    (N(0, 0.05) for matrices/biases, U(0.8, 1.2) for RMSNorm weights), so mapping mistakes change the logits.
+    The directory holds ``config.json``, ``generation_config.json``, ``model.safetensors`` (no ``lm_head.weight``
+    when tied), and the tokenizer from :func:`train_tiny_tokenizer` (``tokenizer.json``, ``tokenizer_config.json``,
+    chat template). The model's ``vocab_size`` is ``max(vocab_size, len(tokenizer))`` (equal for the defaults).
+    Token ids: bos = pad = ``<|endoftext|>`` (0), eos = ``<|im_end|>`` (2).
+
+    Idempotent: when ``out_dir`` already holds a complete build with the same arguments (marker file
+    ``.megatron_bppo_complete.json`` with the argument hash), it returns at once. A build with other arguments is
+    replaced; a non-empty directory without a marker is never touched (``FileExistsError``).
+    """
+    args = _checkpoint_args(arch, tie_word_embeddings, hidden, layers, heads, kv_heads, head_dim, intermediate,
+                            vocab_size, max_position_embeddings, seed, dtype)
+    h = _args_hash("tiny_checkpoint", args)
+    out = Path(out_dir).absolute()
+    if _is_complete(out, "tiny_checkpoint", h):
+        return out
+    _check_replaceable(out)
+
+    import torch
+    import transformers
+    from transformers import GenerationConfig
+
+    tmp = _new_tmp_dir(out)
+    try:
+        tokenizer = train_tiny_tokenizer(tmp, vocab_size=args["vocab_size"],
+                                         model_max_length=args["max_position_embeddings"])
+        model_vocab = max(args["vocab_size"], len(tokenizer))
+        if model_vocab % 64 and model_vocab != args["vocab_size"]:
+            model_vocab += 64 - model_vocab % 64
+        pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+        eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+        cfg_cls_name, model_cls_name = _ARCHS[arch]
+        cfg_kw = dict(
+            vocab_size=model_vocab,
+            hidden_size=args["hidden"],
+            intermediate_size=args["intermediate"],
+            num_hidden_layers=args["layers"],
+            num_attention_heads=args["heads"],
+            num_key_value_heads=args["kv_heads"],
+            head_dim=args["head_dim"],
+            max_position_embeddings=args["max_position_embeddings"],
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            hidden_act="silu",
+            tie_word_embeddings=args["tie_word_embeddings"],
+            bos_token_id=pad_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )
+        if arch == "llama":
+            cfg_kw.update(attention_bias=False, mlp_bias=False)
+        else:
+            cfg_kw.update(use_sliding_window=False, sliding_window=None, max_window_layers=args["layers"])
+        config = getattr(transformers, cfg_cls_name)(**cfg_kw)
+        torch_dtype = getattr(torch, args["dtype"])
+        model = getattr(transformers, model_cls_name)(config).to(torch_dtype)
+        _redraw_(model, args["seed"])
+        if args["tie_word_embeddings"]:
+            model.tie_weights()
+            assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        model.eval()
+        model.generation_config = GenerationConfig(
+            bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False
+        )
+        model.save_pretrained(str(tmp), **_safe_kw(model))
+        _fix_permissions(tmp)
+        if not (tmp / "model.safetensors").is_file():
+            raise RuntimeError(f"save_pretrained did not write model.safetensors in {tmp}")
+        _write_marker(tmp, "tiny_checkpoint", h, args, {"model_vocab_size": model_vocab,
+                                                         "tokenizer_len": len(tokenizer)})
+        return _publish_dir(tmp, out, lambda p: _is_complete(p, "tiny_checkpoint", h))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _safe_kw(model) -> dict:
+    """transformers 4.x needs safe_serialization=True; 5.x always writes safetensors and dropped the flag."""
+    import inspect
+
+    params = inspect.signature(model.save_pretrained).parameters
+    return {"safe_serialization": True} if "safe_serialization" in params else {}
+
+
+def tiny_checkpoint_cache(root: str | os.PathLike, **kw) -> Path:
+    """Build (or reuse) ``make_tiny_checkpoint(dir, **kw)`` in ``dir = root/tiny-<arch>-<tied|untied>-<hash12>``,
+    where the hash covers all (defaulted) arguments; return ``dir``. Different arguments never share a directory."""
+    import inspect
+
+    sig = inspect.signature(make_tiny_checkpoint)
+    bound = sig.bind(None, **kw)
+    bound.apply_defaults()
+    full = dict(bound.arguments)
+    full.pop("out_dir")
+    args = _checkpoint_args(**full)
+    h = _args_hash("tiny_checkpoint", args)
+    name = f"tiny-{args['arch']}-{'tied' if args['tie_word_embeddings'] else 'untied'}-{h[:12]}"
+    return make_tiny_checkpoint(Path(root) / name, **full)

@@ -1,0 +1,96 @@
+"""Convert checkpoints between Hugging Face and Megatron (torch_dist) formats.
+
+    python tools/convert_checkpoint.py hf-to-mcore --hf-dir H --out-dir M --tp T --pp P
+    python tools/convert_checkpoint.py mcore-to-hf --ckpt-dir M --out-dir H2 [--tp T --pp P]
+
+Run under `torchrun --nproc-per-node T*P` when T*P > 1. The Megatron checkpoint is layout-free: one
+written at TP2 loads at TP1, PP2, ... M may also be a training run's checkpoint root (its latest complete
+checkpoint is used). H2 holds safetensors, config, generation config and tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_bppo.config import ConfigError, ParallelConfig  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("hf-to-mcore", help="HF checkpoint directory -> Megatron dist checkpoint")
+    a.add_argument("--hf-dir", required=True)
+    a.add_argument("--out-dir", required=True)
+    b = sub.add_parser("mcore-to-hf", help="Megatron dist checkpoint -> HF checkpoint directory")
+    b.add_argument("--ckpt-dir", required=True)
+    b.add_argument("--out-dir", required=True)
+    for s in (a, b):
+        s.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: world size / pp)")
+        s.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+        s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        s.add_argument("--trust-remote-code", action="store_true")
+    return p
+
+
+def _layout(args) -> ParallelConfig:
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    tp = args.tp if args.tp is not None else max(world // args.pp, 1)
+    if tp * args.pp != world:
+        raise ConfigError(f"--tp {tp} x --pp {args.pp} = {tp * args.pp} processes, but {world} were launched: "
+                          f"run under `torchrun --nproc-per-node {tp * args.pp}`")
+    return ParallelConfig(tp=tp, pp=args.pp)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from megatron_bppo.checkpointing import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+    from megatron_bppo.distributed import destroy_distributed, init_distributed, print_rank0
+    from megatron_bppo.model.bridge import HFBridge, model_dims, read_hf_config
+
+    start = time.time()
+    parallel = _layout(args)
+    if args.direction == "hf-to-mcore":
+        source = args.hf_dir
+        hf_config = read_hf_config(source, args.trust_remote_code)
+    else:
+        ckpt = latest_checkpoint(args.ckpt_dir) or args.ckpt_dir
+        read_meta(ckpt)                                   # clear error when it is not a checkpoint
+        source = os.path.join(ckpt, "hf")
+        hf_config = read_hf_config(source, args.trust_remote_code, require_weights=False)
+    init_distributed(parallel, model_dims(hf_config))
+    print_rank0(f"[convert] {args.direction}: {hf_config.model_type}, {hf_config.num_hidden_layers} layers, "
+                f"TP={parallel.tp} PP={parallel.pp}")
+    bridge = HFBridge(source, args.dtype, "auto", args.trust_remote_code,
+                      require_weights=args.direction == "hf-to-mcore")
+    models = bridge.build(load_weights=args.direction == "hf-to-mcore")
+    print_rank0(f"[convert] model built in {time.time() - start:.1f}s")
+    if args.direction == "hf-to-mcore":
+        out = save_checkpoint(args.out_dir, 0, models, hf_source_dir=source,
+                              layout={"tp": parallel.tp, "pp": parallel.pp})
+        print_rank0(f"[convert] wrote Megatron checkpoint {out} in {time.time() - start:.1f}s")
+    else:
+        load_checkpoint(ckpt, models, load_rng=False)
+        print_rank0(f"[convert] loaded {ckpt} in {time.time() - start:.1f}s")
+        count = [0]
+
+        def progress(name, tensor):
+            count[0] += 1
+            if count[0] % 20 == 1:
+                print_rank0(f"[convert] {count[0]:5d} {name} {tuple(tensor.shape)}")
+
+        bridge.save_hf(models, args.out_dir, progress=progress)
+        print_rank0(f"[convert] wrote {count[0]} tensors to {args.out_dir} in {time.time() - start:.1f}s")
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
+        sys.exit(2)
