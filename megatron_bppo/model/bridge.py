@@ -11,6 +11,7 @@ mbridge adaptations (instance-level configuration of the bridge object; nothing 
   and maps TE's fused-norm parameter names (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`).
   Without TE we use megatron-core's local spec and map its `input_layernorm` / `pre_mlp_layernorm` names.
 - transformers 5 moved `rope_theta` into `config.rope_parameters`; mbridge reads `hf_config.rope_theta`.
+- mbridge's Llama table maps a tied model's last-stage output layer (PP > 1) to lm_head.weight.
 - mbridge's get_model calls `.cuda()` unless (use_torch_fsdp2 and use_cpu_initialization); on CPU we pass
   both (with wrap_with_ddp=False the fsdp2 flag has no other effect) and wrap Megatron DDP ourselves.
 """
@@ -84,6 +85,11 @@ class HFBridge:
             raise ConfigError("model.spec=te but TransformerEngine is not importable on a CUDA machine: "
                               "install the gpu extra or use model.spec=local")
         self.bridge = AutoBridge.from_config(self.hf_config, dtype=self.dtype)
+        if getattr(self.hf_config, "tie_word_embeddings", False):
+            # With PP > 1 the last stage holds its own copy of the tied output layer; mbridge's Llama table maps
+            # it to lm_head.weight, which a tied checkpoint does not have (Qwen2Bridge remaps it, Llama does not).
+            self.bridge._DIRECT_MAPPING = {**self.bridge._DIRECT_MAPPING,
+                                           "output_layer.weight": "model.embed_tokens.weight"}
         extra = dict(variable_seq_lengths=True, batch_p2p_comm=False)
         if not self.platform.is_cuda:
             extra.update(_CPU_CONFIG)

