@@ -191,15 +191,8 @@ class Learner:
             dist.all_reduce(flat)
         return [flat[offsets[i]: offsets[i + 1]].clone() for i in range(len(sequences))]
 
-    def train_step(self, sequences: list[torch.Tensor], fields: list[dict], loss_fn: LossFn) -> dict:
-        """One optimizer step over all `sequences` (the full batch, identical on every rank).
-
-        `loss_fn(logprobs[b, S-1], micro_batch) -> (loss, metrics)` must return this micro-batch's share of
-        the global loss (sum over its tokens of the per-token terms divided by a global normaliser carried
-        in `fields`), so that the sum over all micro-batches and DP ranks is the batch loss; metrics are
-        summed the same way. Megatron divides each micro-batch loss by the number of micro-batches and DDP
-        averages gradients over DP ranks; both are undone here, so gradients are exact for any aggregation.
-        """
+    def _forward_backward(self, sequences, fields, loss_fn: LossFn) -> dict:
+        """Zero the grad buffers, then accumulate d(batch loss)/d(params) into param.main_grad (DP-reduced)."""
         for m in self.models:
             m.train()
             m.zero_grad_buffer()
@@ -218,15 +211,41 @@ class Learner:
             return loss * scale, {}
 
         self._run(batches, loss_func, forward_only=False)
+        metrics = self._sum_over_replicas(sums)
+        metrics["micro_batches"] = float(len(batches))
+        return metrics
+
+    def train_step(self, sequences: list[torch.Tensor], fields: list[dict], loss_fn: LossFn) -> dict:
+        """One optimizer step over all `sequences` (the full batch, identical on every rank).
+
+        `loss_fn(logprobs[b, S-1], micro_batch) -> (loss, metrics)` must return this micro-batch's share of
+        the global loss (sum over its tokens of the per-token terms divided by a global normaliser carried
+        in `fields`), so that the sum over all micro-batches and DP ranks is the batch loss; metrics are
+        summed the same way. Megatron divides each micro-batch loss by the number of micro-batches and DDP
+        averages gradients over DP ranks; both are undone here, so gradients are exact for any aggregation.
+        """
+        metrics = self._forward_backward(sequences, fields, loss_fn)
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
             self.scheduler.step(increment=1)
             self.step += 1
-        metrics = self._sum_over_replicas(sums)
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-                       lr=self.optimizer.param_groups[0]["lr"], update_ok=float(bool(update_ok)),
-                       micro_batches=float(len(batches)))
+                       lr=self.optimizer.param_groups[0]["lr"], update_ok=float(bool(update_ok)))
         return metrics
+
+    def local_gradients(self, sequences, fields, loss_fn: LossFn, select: Callable[[str], bool]) -> dict:
+        """Gradient of the batch loss (not applied) for the selected parameters this rank holds, keyed by
+        Megatron name: the TP shard of partitioned weights, the full tensor otherwise. Grad buffers are
+        cleared again afterwards."""
+        if self.optim_cfg.use_distributed_optimizer and self.ps.get_data_parallel_world_size() > 1:
+            raise ValueError("local_gradients needs optim.use_distributed_optimizer=false when DP > 1: the "
+                             "distributed optimizer reduce-scatters gradients, so no rank holds them whole")
+        self._forward_backward(sequences, fields, loss_fn)
+        grads = {name: p.main_grad.detach().float().clone()
+                 for name, p in self.unwrapped_models()[0].named_parameters() if select(name)}
+        for m in self.models:
+            m.zero_grad_buffer()
+        return grads
 
     def _sum_over_replicas(self, sums: dict) -> dict:
         if not dist.is_initialized():

@@ -69,14 +69,14 @@ def main():
         with torch.no_grad():
             for s, lp in zip(seqs, logprobs):
                 ref = hf(s[None]).logits[0, :-1].float().log_softmax(-1).gather(1, s[1:, None])[:, 0]
-                worst = max(worst, (ref - lp).abs().max().item())
+                worst = max(worst, (ref - lp.cpu()).abs().max().item())
         result["logprob_maxdiff_vs_hf"] = worst
         original = {k: v for f in os.listdir(args.hf) if f.endswith(".safetensors")
                     for k, v in load_file(os.path.join(args.hf, f)).items()}
     exported = dict(bridge.export_hf_weights(learner.unwrapped_models()))
     if rank0:
         result["export_names_equal"] = sorted(exported) == sorted(original)
-        result["export_maxdiff"] = max((exported[k].float() - original[k].float()).abs().max().item()
+        result["export_maxdiff"] = max((exported[k].float().cpu() - original[k].float()).abs().max().item()
                                        for k in original if k in exported)
 
     total = sum(len(s) - 1 for s in seqs)
@@ -101,7 +101,7 @@ def main():
     if rank0:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in final.items()}, args.out + ".final.safetensors")
+        save_file({k: v.cpu().contiguous() for k, v in final.items()}, args.out + ".final.safetensors")
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     destroy_distributed()
