@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .config import LearnerConfig, OptimConfig
+from .config import ConfigError, LearnerConfig, OptimConfig
 
 
 @dataclass
@@ -118,6 +118,10 @@ class Learner:
         if len(self.models) == 1:
             config.no_sync_func = config.no_sync_func[0]
         if learner.recompute:
+            if self.device.type != "cuda":
+                raise ConfigError("learner.recompute=true is GPU-only: on CPU megatron-core 0.16.1 re-runs the "
+                                  "forward inside autograd, where the CPU workarounds do not reach "
+                                  "(transformer/utils.py:35 device='cuda'); set learner.recompute=false")
             config.recompute_granularity, config.recompute_method, config.recompute_num_layers = "full", "uniform", 1
         self.config = config
         self.optimizer = get_megatron_optimizer(OptimizerConfig(

@@ -97,21 +97,27 @@ def gram_matrix(learner, sequences, prompt_lengths, select) -> torch.Tensor:
 
 
 def summarize(groups: list[dict]) -> dict:
-    same_c, same_w, cross = [], [], []
+    """Mean pairwise cosine by class relation. `score` = raw score gradients g_i; `update` = the directions a
+    GRPO/BPPO step applies, A_i g_i, whose cosine flips sign across classes (A+ > 0 > A-)."""
+    pairs = {"correct_correct": [], "wrong_wrong": [], "cross_class": []}
     for g in groups:
-        cos, lab = torch.tensor(g["cosine"]), g["correct"]
+        cos, lab = g["cosine"], g["correct"]
         for i in range(len(lab)):
             for j in range(i + 1, len(lab)):
-                (same_c if lab[i] and lab[j] else same_w if not (lab[i] or lab[j]) else cross).append(cos[i, j].item())
+                key = "cross_class" if lab[i] != lab[j] else "correct_correct" if lab[i] else "wrong_wrong"
+                pairs[key].append(cos[i][j])
+    pairs["same_class"] = pairs["correct_correct"] + pairs["wrong_wrong"]
 
-    def stats(xs):
-        t = torch.tensor(xs) if xs else torch.tensor([float("nan")])
+    def stats(xs, sign=1.0):
+        t = torch.tensor(xs, dtype=torch.float64) * sign if xs else torch.tensor([float("nan")])
         return {"mean": t.mean().item(), "std": t.std().item() if len(xs) > 1 else 0.0, "pairs": len(xs)}
 
-    same = same_c + same_w
-    return {"same_class": stats(same), "correct_correct": stats(same_c), "wrong_wrong": stats(same_w),
-            "cross_class": stats(cross), "mixed_groups": sum(1 for g in groups if 0 < sum(g["correct"]) < len(g["correct"])),
-            "groups": len(groups)}
+    out = {key: stats(xs) for key, xs in pairs.items()}
+    out["update_direction"] = {"same_class": stats(pairs["same_class"]),
+                               "cross_class": stats(pairs["cross_class"], -1.0)}
+    out["mixed_groups"] = sum(1 for g in groups if 0 < sum(g["correct"]) < len(g["correct"]))
+    out["groups"] = len(groups)
+    return out
 
 
 def draw(groups, summary, path):
@@ -132,7 +138,7 @@ def draw(groups, summary, path):
         ax.set_title(g["question"][:28], fontsize=8)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, pad=0.04)
     fig.suptitle(f"cosine of per-completion gradients: same-class {summary['same_class']['mean']:.3f}, "
                  f"cross-class {summary['cross_class']['mean']:.3f}", fontsize=9)
     fig.savefig(path, dpi=110)
@@ -140,10 +146,12 @@ def draw(groups, summary, path):
 
 
 def table(summary) -> str:
-    lines = ["| pairs | mean cosine | std | count |", "|---|---|---|---|"]
+    lines = ["| pairs | count | score-gradient cosine (mean +- std) | update-direction cosine A_i g_i |",
+             "|---|---|---|---|"]
     for key in ("same_class", "correct_correct", "wrong_wrong", "cross_class"):
         s = summary[key]
-        lines.append(f"| {key} | {s['mean']:.4f} | {s['std']:.4f} | {s['pairs']} |")
+        sign = -1 if key == "cross_class" else 1
+        lines.append(f"| {key} | {s['pairs']} | {s['mean']:+.4f} +- {s['std']:.4f} | {sign * s['mean']:+.4f} |")
     return "\n".join(lines)
 
 
