@@ -11,6 +11,11 @@ CORE = [
     "numpy",
     "pyyaml",
     "einops",
+    "math-verify>=0.7",   # answer equivalence in megatron_bppo.rewards (parse/verify with timeouts)
+    "pyarrow",            # parquet prompt datasets (verl schema), examples/prepare_*.py --parquet
+    "rich",               # live per-step progress line (plain print fallback)
+    "tensorboard",        # MetricsLogger scalars (skipped with one warning when missing)
+    "matplotlib",         # tools/plot_metrics.py (Agg backend)
 ]
 
 setup(
@@ -26,6 +31,8 @@ setup(
         # GPU path: upstream vLLM and TransformerEngine; apex is a source build (see README).
         "gpu": ["vllm", "transformer-engine[pytorch]", "sentencepiece"],
         "test": ["pytest", "hypothesis", "pytest-timeout"],
+        # optional Weights & Biases logging (MetricsLogger(wandb=...))
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["megatron-bppo=megatron_bppo.cli:main"]},
 )
