@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .model.bridge import copy_hf_side_files
-from .platform.cpu_compat import prepare_optimizer_for_load
+from .platform.cpu_compat import ensure_optimizer_state
 
 META = "megatron_bppo.json"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}   # the only format that reshards here
@@ -95,6 +95,7 @@ def save_checkpoint(root: str, step: int, models, optimizer=None, scheduler=None
     _barrier()
     state = _model_state(models)
     if optimizer is not None:
+        ensure_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIM_METADATA)
     dist_checkpointing.save(state, tmp, content_metadata=OPTIM_METADATA)
     torch.save({"cpu": torch.get_rng_state(),
@@ -163,7 +164,7 @@ def load_checkpoint(path: str, models, optimizer=None, scheduler=None, load_rng:
         if not meta.get("has_optimizer"):
             raise ValueError(f"{path} holds no optimizer state (a converted model checkpoint?): load it with "
                              "optimizer=None, i.e. as initial weights")
-        prepare_optimizer_for_load(optimizer)
+        ensure_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True,
                                                           metadata=OPTIM_METADATA)
     loaded = dist_checkpointing.load(state, path)

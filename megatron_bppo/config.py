@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user-fixable problem in the configuration; the message names the key and the fix."""
+from .errors import ConfigError
+from .rollout.engine import SamplingConfig
+from .rollout.vllm_engine import RolloutConfig
 
 
 @dataclass
@@ -100,6 +100,138 @@ class CheckpointConfig:
 
 
 @dataclass
+class AlgorithmConfig:
+    """GRPO and BPPO through the same code; see docs/algorithm.md for every formula and default."""
+    name: str = "bppo"                   # grpo | bppo: picks the defaults of selector / prefix / adaptive
+    advantage: str = "grpo"              # grpo (mean/std over the full group) | drgrpo (no std division)
+    adv_eps: float = 1e-6
+    reward_type: str = "binary"          # binary (correct = reward > 0.5) | graded (correct = reward >= threshold)
+    correct_threshold: Optional[float] = None
+    selector: str = "auto"               # auto (grpo: all, bppo: binary) | all | binary | max_variance_pairs
+    pair_weighting: str = "none"         # none | class_total
+    prefix: str = "auto"                 # auto (grpo: full, bppo: ratio) | ratio | fixed | full
+    prefix_ratio: float = 0.5
+    prefix_tokens: Optional[int] = None
+    prefix_min_tokens: int = 32
+    prefix_max_tokens: Optional[int] = None
+    prefix_schedule: list = field(default_factory=list)   # [[step, value], ...] for ratio / tokens
+    group_size: int = 8                  # G of GRPO; the most completions per prompt (g_max) with adaptive
+    adaptive: Optional[bool] = None      # adaptive completion scheduling; None: on for bppo, off for grpo
+    n_init: int = 4                      # adaptive: first-round completions per prompt
+    n_step: int = 4                      # adaptive: completions added per extra round to single-class groups
+    skip_after: int = 2                  # adaptive: skip prompts uniform this many recorded times in a row
+    skip_cooldown: int = 4
+    target_pairs: Optional[int] = None   # adaptive: draw more prompts until this many groups are mixed
+    max_prompt_draw_factor: float = 2.0
+    clip_low: float = 0.2
+    clip_high: float = 0.28              # DAPO's clip-higher
+    aggregation: str = "token-mean"      # token-mean | seq-mean-token-mean | token-sum-norm
+    norm_constant: Optional[float] = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    rollout_is: str = "none"             # none | truncated (importance ratio against the engine's log-probs)
+    rollout_is_cap: float = 2.0
+    epochs: int = 1                      # passes over each rollout batch
+    mini_batches: int = 1                # optimizer steps per pass
+
+    def resolved_selector(self) -> str:
+        return self.selector if self.selector != "auto" else ("binary" if self.name == "bppo" else "all")
+
+    def resolved_prefix(self) -> str:
+        return self.prefix if self.prefix != "auto" else ("ratio" if self.name == "bppo" else "full")
+
+    def is_adaptive(self) -> bool:
+        return self.adaptive if self.adaptive is not None else self.name == "bppo"
+
+    def validate(self):
+        from .algorithms import AGGREGATIONS, KL_ESTIMATORS, PAIR_WEIGHTINGS, SELECTORS
+
+        _choice("algorithm.name", self.name, ("grpo", "bppo"))
+        _choice("algorithm.advantage", self.advantage, ("grpo", "drgrpo"))
+        _choice("algorithm.reward_type", self.reward_type, ("binary", "graded"))
+        _choice("algorithm.selector", self.selector, ("auto", *SELECTORS))
+        _choice("algorithm.pair_weighting", self.pair_weighting, PAIR_WEIGHTINGS)
+        _choice("algorithm.prefix", self.prefix, ("auto", "ratio", "fixed", "full"))
+        _choice("algorithm.aggregation", self.aggregation, AGGREGATIONS)
+        _choice("algorithm.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _choice("algorithm.rollout_is", self.rollout_is, ("none", "truncated"))
+        if self.reward_type == "graded" and self.correct_threshold is None:
+            raise ConfigError("algorithm.reward_type=graded needs algorithm.correct_threshold")
+        if self.group_size < 2:
+            raise ConfigError(f"algorithm.group_size={self.group_size}: a group needs >= 2 completions")
+        if self.is_adaptive() and not 1 <= self.n_init <= self.group_size:
+            raise ConfigError(f"algorithm.n_init={self.n_init}: must be in [1, group_size={self.group_size}]")
+        if self.entropy_coef:
+            raise ConfigError("algorithm.entropy_coef > 0 is not supported yet: the learner does not compute "
+                              "vocab-parallel entropy; set it to 0")
+        if self.epochs < 1 or self.mini_batches < 1:
+            raise ConfigError("algorithm.epochs and algorithm.mini_batches must be >= 1")
+        self.prefix_rule(validate_only=True)
+
+    def prefix_rule(self, validate_only: bool = False):
+        from .algorithms import PrefixRule
+
+        try:
+            return PrefixRule(mode=self.resolved_prefix(), ratio=self.prefix_ratio, tokens=self.prefix_tokens,
+                              min_tokens=self.prefix_min_tokens, max_tokens=self.prefix_max_tokens,
+                              schedule=tuple(tuple(p) for p in self.prefix_schedule) or None)
+        except ValueError as e:
+            raise ConfigError(f"algorithm.prefix_*: {e}") from None
+
+    def scheduler(self):
+        from .algorithms import AdaptiveScheduler
+
+        if not self.is_adaptive():
+            return AdaptiveScheduler.fixed(self.group_size)
+        return AdaptiveScheduler(n_init=self.n_init, g_max=self.group_size, n_step=self.n_step,
+                                 skip_after=self.skip_after, skip_cooldown=self.skip_cooldown,
+                                 target_pairs=self.target_pairs, max_prompt_draw_factor=self.max_prompt_draw_factor)
+
+
+@dataclass
+class DataConfig:
+    train: str = "arithmetic:l0"         # a jsonl / parquet file, or arithmetic:<preset> (generated task)
+    eval: str = ""                       # held-out prompts; "" = the test split of a generated train task
+    train_size: Optional[int] = None     # generated: problems (default 1024); files: row limit
+    eval_size: int = 64
+    prompts_per_step: int = 16
+    seed: int = 0
+    system_prompt: Optional[str] = None  # None keeps the chat template's default
+    instruction: str = "direct"          # direct | cot | gsm8k | boxed | none | any literal text
+    instruction_position: str = "prefix" # prefix | suffix (relative to the question)
+    on_too_long: str = "error"           # error | skip (prompts longer than max_model_len - sampling.max_tokens)
+
+    def validate(self):
+        if self.prompts_per_step < 1:
+            raise ConfigError(f"data.prompts_per_step={self.prompts_per_step}: must be >= 1")
+        _choice("data.instruction_position", self.instruction_position, ("prefix", "suffix"))
+        _choice("data.on_too_long", self.on_too_long, ("error", "skip"))
+
+
+@dataclass
+class RewardConfig:
+    name: str = "gsm8k"                  # a registered reward (math, gsm8k, ...) or "package.module:function"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0                    # steps between evaluations (0: only before and after training)
+    samples: int = 4                     # k of mean@k (sampled at sampling.temperature); pass@1 is greedy
+    at_start: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    export_hf: bool = True               # write <run_dir>/hf at the end
+    tensorboard: bool = True
+    wandb_project: str = ""              # "" disables Weights & Biases
+    dump_batches: bool = False           # write each step's groups and learner sequences to run_dir/batches
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -107,12 +239,27 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
-                section.validate()
+                try:
+                    section.validate()
+                except ConfigError:
+                    raise
+                except ValueError as e:          # sections defined next to their module raise ValueError
+                    raise ConfigError(f"{f.name}: {e}") from None
+        if self.sampling.max_tokens >= self.rollout.max_model_len:
+            raise ConfigError(f"sampling.max_tokens={self.sampling.max_tokens} leaves no room for the prompt in "
+                              f"rollout.max_model_len={self.rollout.max_model_len}: raise max_model_len")
         if self.model.path and not os.path.isdir(self.model.path):
             raise ConfigError(f"model.path={self.model.path!r} is not a directory: point it at a Hugging Face "
                               "checkpoint directory (config.json + *.safetensors)")

@@ -97,7 +97,8 @@ class Learner:
     """Owns the DDP-wrapped model chunks, the Megatron optimizer and the LR schedule."""
 
     def __init__(self, models: list, optim: OptimConfig, learner: LearnerConfig, pad_id: int = 0,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, trainable: bool = True):
+        """trainable=False: a frozen forward-only model (e.g. the KL reference): no DDP, no optimizer."""
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -109,6 +110,12 @@ class Learner:
         self.ps = ps
         config = models[0].config
         self.device = next(models[0].parameters()).device
+        self.step = 0
+        if not trainable:
+            self.models, self.config, self.optimizer, self.scheduler = models, config, None, None
+            for m in models:
+                m.requires_grad_(False)
+            return
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=optim.use_distributed_optimizer,
             overlap_grad_reduce=False, bucket_size=None)
@@ -136,7 +143,6 @@ class Learner:
             lr_decay_steps=max(decay_steps, optim.warmup_steps + 1), lr_decay_style=optim.decay_style,
             start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=1,
             wd_incr_style="constant")
-        self.step = 0
 
     # ---------------------------------------------------------------- batching
     def _micro_batches(self, sequences, fields) -> list[MicroBatch]:
@@ -229,6 +235,12 @@ class Learner:
         averages gradients over DP ranks; both are undone here, so gradients are exact for any aggregation.
         """
         metrics = self._forward_backward(sequences, fields, loss_fn)
+        if not math.isfinite(metrics.get("loss", 0.0)):       # every rank sees the same (gathered) loss
+            for m in self.models:
+                m.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            metrics.update(grad_norm=math.nan, lr=self.optimizer.param_groups[0]["lr"], update_ok=0.0)
+            return metrics
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
             self.scheduler.step(increment=1)
@@ -263,4 +275,4 @@ class Learner:
         return total
 
     def unwrapped_models(self) -> list:
-        return [m.module for m in self.models]
+        return [getattr(m, "module", m) if self.optimizer is not None else m for m in self.models]

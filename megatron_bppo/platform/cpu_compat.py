@@ -207,10 +207,11 @@ def apply() -> list[str]:
     return list(_APPLIED)
 
 
-def prepare_optimizer_for_load(optimizer) -> None:
-    """Torch Adam (no Apex/TE) has no state before its first step, but DistributedOptimizer's
-    sharded_state_dict(is_loading=True) asserts one common 'step' (distrib_optimizer.py:642). Create
-    the state (zeros) so the load has somewhere to go. Harmless where state already exists."""
+def ensure_optimizer_state(optimizer) -> None:
+    """Torch Adam (no Apex/TE) has no state before its first step, but DistributedOptimizer.state_dict()
+    asserts one common 'step' (distrib_optimizer.py:642), both when saving before the first step and when
+    building the load-time sharded state dict. Create the state Adam would create (zero moments, step 0)
+    so there is something to save and somewhere to load into. Harmless where state already exists."""
     for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
         if hasattr(chained, "init_state_fn") and chained.init_state_fn is not None:
             if not chained.optimizer.state:

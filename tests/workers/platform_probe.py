@@ -1,6 +1,6 @@
 """Exercise the megatron-core paths that need the CPU workarounds (run by tests/test_platform.py).
 
-    python platform_probe.py HF_DIR train|ckpt        (world 1)
+    python platform_probe.py HF_DIR train|ckpt|nan    (world 1; nan: a non-finite loss skips the update)
     torchrun --nproc-per-node 2 platform_probe.py HF_DIR pp
 
 MEGATRON_BPPO_CPU_SKIP=<name> leaves one workaround out, so the probe must fail where that workaround is needed.
@@ -32,6 +32,13 @@ def main(hf_dir, probe):
     seqs = [torch.arange(3, 20), torch.arange(5, 15)]
     loss_fn = lambda lp, mb: (-(lp * mb.target_mask).sum() / 26, {})  # noqa: E731
     learner.train_step(seqs, [{}, {}], loss_fn)
+    if probe == "nan":
+        before = {n: p.detach().clone() for n, p in learner.unwrapped_models()[0].named_parameters()}
+        metrics = learner.train_step(seqs, [{}, {}], lambda lp, mb: (loss_fn(lp, mb)[0] * float("nan"), {}))
+        same = all(torch.equal(before[n], p) for n, p in learner.unwrapped_models()[0].named_parameters())
+        if metrics["update_ok"] != 0.0 or not same:
+            raise SystemExit(f"PROBE FAILED: NaN loss gave update_ok={metrics['update_ok']}, weights same={same}")
+        learner.train_step(seqs, [{}, {}], loss_fn)          # the next finite step trains normally
     if probe == "ckpt":
         with tempfile.TemporaryDirectory() as root:
             path = save_checkpoint(root, 1, learner.models, learner.optimizer, learner.scheduler)

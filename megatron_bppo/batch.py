@@ -1,0 +1,116 @@
+"""Rollout groups -> the learner's update batch (advantages, selection, prefix cut).
+
+    groups (prompt ids, completions, rewards)
+      --(group_advantages over ALL completions of a group)--> A[g, i]
+      --(selector: all = GRPO, binary = BPPO)--> which completions train
+      --(PrefixRule: keep the first k response tokens; the suffix is dropped, not masked)--> training sequences
+    each sequence = prompt + kept response; per-token fields (length L-1, index t predicts token t+1):
+      mask     1 on the kept response tokens' targets
+      adv      the completion's advantage on every position
+      rollout  the engine's log-prob of each kept response token (0 elsewhere)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .algorithms import (PrefixRule, correctness, get_selector, group_advantages, weight_selected_advantages)
+
+
+@dataclass
+class Group:
+    prompt_id: str
+    prompt_ids: list[int]
+    reference: str
+    completions: list = field(default_factory=list)    # rollout.Completion
+    rewards: list[float] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class UpdateBatch:
+    sequences: list[torch.Tensor]
+    fields: list[dict]
+    prompt_lengths: list[int]
+    keep_lengths: list[int]
+    response_lengths: list[int]
+    origin: list[tuple[int, int]]                       # (group index, completion index) of each sequence
+    counts: dict
+
+    @property
+    def empty(self) -> bool:
+        return not self.sequences
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.keep_lengths)
+
+
+def dense(groups: list[Group]):
+    """Ragged groups -> rewards, lengths, valid as [num_groups, G_max] tensors."""
+    width = max((len(g.completions) for g in groups), default=0)
+    rewards = torch.zeros(len(groups), width, dtype=torch.float64)
+    lengths = torch.zeros(len(groups), width, dtype=torch.long)
+    valid = torch.zeros(len(groups), width, dtype=torch.bool)
+    for gi, g in enumerate(groups):
+        n = len(g.completions)
+        rewards[gi, :n] = torch.tensor(g.rewards, dtype=torch.float64)
+        lengths[gi, :n] = torch.tensor([len(c.token_ids) for c in g.completions], dtype=torch.long)
+        valid[gi, :n] = True
+    return rewards, lengths, valid
+
+
+def build_update_batch(groups: list[Group], algo, prefix_rule: PrefixRule, step: int) -> UpdateBatch:
+    """`algo`: config.AlgorithmConfig (advantage, reward_type, selector, pair_weighting, ...)."""
+    rewards, lengths, valid = dense(groups)
+    advantages = group_advantages(rewards, mode=algo.advantage, eps=algo.adv_eps, valid=valid)
+    correct = correctness(rewards, reward_type=algo.reward_type, threshold=algo.correct_threshold, valid=valid)
+    selection = get_selector(algo.resolved_selector())(correct, lengths, advantages, valid)
+    weights = weight_selected_advantages(advantages, correct, selection.mask, valid, algo.pair_weighting)
+    rows, cols = selection.mask.nonzero(as_tuple=True)
+    keep = prefix_rule.lengths(lengths[rows, cols], step) if len(rows) else torch.zeros(0, dtype=torch.long)
+    out = UpdateBatch([], [], [], [], [], [], dict(selection.counts))
+    for gi, ci, k in zip(rows.tolist(), cols.tolist(), keep.tolist()):
+        if k < 1:
+            continue
+        group, completion = groups[gi], groups[gi].completions[ci]
+        prompt_len = len(group.prompt_ids)
+        tokens = torch.tensor(group.prompt_ids + list(completion.token_ids[:k]), dtype=torch.long)
+        mask = torch.zeros(len(tokens) - 1)
+        mask[prompt_len - 1:] = 1.0
+        rollout = torch.zeros(len(tokens) - 1)
+        rollout[prompt_len - 1:] = completion.logprobs[:k].float()
+        out.sequences.append(tokens)
+        out.fields.append({"mask": mask, "adv": torch.full((len(tokens) - 1,), float(weights[gi, ci])),
+                           "rollout": rollout})
+        out.prompt_lengths.append(prompt_len)
+        out.keep_lengths.append(k)
+        out.response_lengths.append(len(completion.token_ids))
+        out.origin.append((gi, ci))
+    out.counts.update(selected_sequences=len(out.sequences), selected_tokens=out.tokens,
+                      selected_response_tokens_full=sum(out.response_lengths),
+                      mixed_groups=int(sum(1 for g in groups if 0 < sum(g.correct) < len(g.correct))))
+    return out
+
+
+def split_batch(batch: UpdateBatch, parts: int) -> list[UpdateBatch]:
+    """Mini-batches for several optimizer steps per rollout: round-robin over sequences sorted by origin."""
+    if parts <= 1 or len(batch.sequences) <= 1:
+        return [batch]
+    chunks = []
+    for p in range(min(parts, len(batch.sequences))):
+        idx = list(range(p, len(batch.sequences), parts))
+        chunks.append(UpdateBatch([batch.sequences[i] for i in idx], [batch.fields[i] for i in idx],
+                                  [batch.prompt_lengths[i] for i in idx], [batch.keep_lengths[i] for i in idx],
+                                  [batch.response_lengths[i] for i in idx], [batch.origin[i] for i in idx],
+                                  dict(batch.counts)))
+    return chunks
+
+
+def loss_normalizer(batch: UpdateBatch, aggregation: str) -> Optional[float]:
+    """The global denominator of the chosen aggregation for this (mini-)batch."""
+    if aggregation == "token-mean":
+        return float(max(batch.tokens, 1))
+    return float(max(len(batch.sequences), 1))
