@@ -220,8 +220,9 @@ def rl_step(run: Run, step: int, timer) -> Optional[dict]:
         run.engine.sleep()
     timer.times["reward"] = rollout.reward_seconds           # scored between rounds: not engine time
     timer.times["rollout"] -= rollout.reward_seconds
-    if run.stop.requested():
-        save(run, step - 1, *snapshot)
+    if run.stop.requested():                                  # abandon the step: nothing was trained yet
+        if cfg.checkpoint.dir:
+            save(run, step - 1, *snapshot)
         return None
     batch = build_update_batch(rollout.groups, algo, run.prefix_rule, step)
     metrics = rollout_metrics(rollout, batch, sync)
@@ -338,8 +339,12 @@ def train(cfg: Config) -> int:
 
 
 def stop_exit(run: Run, step: int) -> int:
-    run.metrics.print(f"[train] stop signal: state saved at step {step}; exiting with {EXIT_PREEMPTED} "
-                      f"(requeue the job to resume)")
+    if run.cfg.checkpoint.dir:
+        run.metrics.print(f"[train] stop signal: state saved at step {step}; exiting with {EXIT_PREEMPTED} "
+                          f"(requeue the job to resume)")
+    else:
+        run.metrics.print(f"[train] stop signal at step {step}: checkpoint.dir is empty, nothing saved; exiting "
+                          f"with {EXIT_PREEMPTED}")
     run.metrics.close()
     run.engine.close()
     return EXIT_PREEMPTED

@@ -115,3 +115,17 @@ def test_bad_model_dirs(tmp_path, tiny_qwen2):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read config.json"):
         read_hf_config(str(tmp_path))
+
+
+def test_example_configs_are_valid():
+    """Every shipped config loads and validates (model.path is left to the user)."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                          "examples", "configs", "*.yaml")))
+    assert len(paths) >= 8
+    names = set()
+    for path in paths:
+        cfg = load_config(path)
+        names.add((cfg.algorithm.name, os.path.basename(path).split("_")[0]))
+    assert {("grpo", "gsm8k"), ("bppo", "gsm8k"), ("grpo", "math"), ("bppo", "math")} <= names
