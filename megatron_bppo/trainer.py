@@ -110,7 +110,7 @@ def load_prompts(cfg: Config, tokenizer):
     return render_prompts(cfg, tokenizer, train), render_prompts(cfg, tokenizer, held_out)[: cfg.data.eval_size]
 
 
-def setup(cfg: Config) -> Run:
+def setup(cfg: Config, stop: Optional[StopRequest] = None) -> Run:
     """Everything is checked before any model is built: config, layout, model dir, data, reward."""
     from transformers import AutoTokenizer
 
@@ -146,7 +146,7 @@ def setup(cfg: Config) -> Run:
                         trust_remote_code=cfg.model.trust_remote_code)
     run = Run(cfg, launch.rank, bridge, learner, ref, engine, train_prompts, eval_prompts,
               PromptSampler(len(train_prompts), seed=cfg.data.seed), cfg.algorithm.scheduler(),
-              cfg.algorithm.prefix_rule(), reward_fn, None, StopRequest())
+              cfg.algorithm.prefix_rule(), reward_fn, None, stop or StopRequest())
     resumed = resume(run)
     run.metrics = MetricsLogger(cfg.run_dir, use_tensorboard=cfg.train.tensorboard,
                                 wandb={"project": cfg.train.wandb_project} if cfg.train.wandb_project else None,
@@ -311,7 +311,8 @@ def run_eval(run: Run, step: int, label: str) -> dict:
 def train(cfg: Config) -> int:
     from .metrics import PhaseTimer
 
-    run = setup(cfg)
+    stop = StopRequest()          # first, so a signal during set-up is not fatal (honoured after set-up)
+    run = setup(cfg, stop)
     timer = PhaseTimer()
     if run.step == 0 and cfg.eval.at_start and "before" not in run.summary:
         run.summary["before"] = run_eval(run, 0, "before")
