@@ -20,6 +20,9 @@ def main():
     from megatron_bppo.testing.smollm2 import prepare_smollm2
 
     model = str(prepare_smollm2())
+    if os.path.isdir(os.path.join(ROOT, "runs", "demo-bppo", "checkpoints")) and len(sys.argv) == 1:
+        print("[demo] runs/demo-bppo/checkpoints exists: the run resumes from its latest checkpoint "
+              "(delete runs/demo-bppo for a fresh run)", flush=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
