@@ -11,7 +11,6 @@ import os
 import re
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 from .config import ConfigError, ParallelConfig
@@ -139,4 +138,4 @@ def barrier():
 
 
 __all__ = ["LaunchEnv", "expand_nodelist", "detect_launch", "check_layout", "init_distributed",
-           "destroy_distributed", "is_rank0", "print_rank0", "barrier", "torch"]
+           "destroy_distributed", "is_rank0", "print_rank0", "barrier"]

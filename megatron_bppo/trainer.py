@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import signal
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
