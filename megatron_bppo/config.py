@@ -260,6 +260,9 @@ class Config:
         if self.sampling.max_tokens >= self.rollout.max_model_len:
             raise ConfigError(f"sampling.max_tokens={self.sampling.max_tokens} leaves no room for the prompt in "
                               f"rollout.max_model_len={self.rollout.max_model_len}: raise max_model_len")
+        if self.sampling.temperature == 0:
+            raise ConfigError("sampling.temperature=0 is greedy: every completion of a group would be the same; "
+                              "training needs a sampling temperature > 0 (evaluation is greedy on its own)")
         if self.model.path and not os.path.isdir(self.model.path):
             raise ConfigError(f"model.path={self.model.path!r} is not a directory: point it at a Hugging Face "
                               "checkpoint directory (config.json + *.safetensors)")

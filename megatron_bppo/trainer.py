@@ -137,10 +137,12 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None) -> Run:
                 f"PP{cfg.parallel.pp}), rollout TP{cfg.rollout.tp}")
     bridge = HFBridge(cfg.model.path, cfg.model.dtype, cfg.model.spec, cfg.model.trust_remote_code)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    learner = Learner(bridge.build(), cfg.optim, cfg.learner, pad_id=pad)
+    # Learner log-probs at the sampling temperature: the policy the engine sampled from (verl does the same)
+    temperature = cfg.sampling.temperature
+    learner = Learner(bridge.build(), cfg.optim, cfg.learner, pad_id=pad, temperature=temperature)
     ref = None
     if cfg.algorithm.kl_coef:
-        ref = Learner(bridge.build(), cfg.optim, cfg.learner, pad_id=pad, trainable=False)
+        ref = Learner(bridge.build(), cfg.optim, cfg.learner, pad_id=pad, temperature=temperature, trainable=False)
     engine = VLLMEngine(cfg.model.path, cfg.rollout, dtype=cfg.model.dtype,
                         trust_remote_code=cfg.model.trust_remote_code)
     run = Run(cfg, launch.rank, bridge, learner, ref, engine, train_prompts, eval_prompts,

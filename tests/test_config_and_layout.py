@@ -38,6 +38,7 @@ def test_yaml_plus_dotted_overrides(tmp_path):
     (["model.path=/nonexistent/dir"], "model.path='/nonexistent/dir' is not a directory"),
     (["parallel"], "expected key=value"),
     (["parallel.tp.x=1"], "parallel.tp is a value, not a section"),
+    (["sampling.temperature=0"], "training needs a sampling temperature > 0"),
 ])
 def test_bad_config_names_key_and_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -47,7 +47,8 @@ def metrics(run_dir):
 def runs(tiny_qwen2, tmp_path_factory):
     work = tmp_path_factory.mktemp("trainer")
     out = {}
-    for algo, layout in (("bppo", ["parallel.pp=2"]), ("grpo", ["parallel.tp=2"])):
+    # bppo samples at T=0.7: the learner must score at the same temperature for the mismatch check below
+    for algo, layout in (("bppo", ["parallel.pp=2", "sampling.temperature=0.7"]), ("grpo", ["parallel.tp=2"])):
         run_dir = str(work / algo)
         train(tiny_qwen2, run_dir, f"algorithm.name={algo}", "checkpoint.save_interval=1", *layout)
         out[algo] = run_dir
@@ -96,7 +97,7 @@ def test_metrics_summary_checkpoints_and_plots(runs, algo):
                     "time/rollout", "time/sync", "time/reward", "time/logprob", "time/update", "time/step",
                     "mismatch/logprob_abs_diff_max", "loss", "grad_norm", "lr", "sync/bytes"):
             assert key in record, key
-        assert record["mismatch/logprob_abs_diff_max"] < 1e-3     # engine and learner agree (fp32)
+        assert record["mismatch/logprob_abs_diff_max"] < 1e-3     # engine and learner agree (fp32, same T)
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     for key in ("accuracy_before", "accuracy_after", "mean_length_before", "mean_length_after", "time_per_step"):
