@@ -1,7 +1,7 @@
 """Time to accuracy and response length: full training runs of GRPO, BPPO and BPPO ablations from the same start.
 
     python bench/time_to_accuracy.py [--variants grpo,bppo,bppo_noprefix,bppo_fixed] [--seeds 0,1]
-                                     [--steps 8] [--eval-interval 2] [--eval-size 48] [--target 0.6]
+                                     [--steps 8] [--eval-interval 2] [--eval-size 48] [--targets 0.6,0.75]
                                      [--out runs/bench/tta] [--analyze-only] [key=value ...]
 
 Each (seed, variant) is one real training job, launched one at a time, seed-major (every variant of seed 0, then
@@ -23,7 +23,7 @@ unfinished run directory is deleted and the run starts over. Then, from every me
 
     training time  = cumulative `time/step` (sync + rollout + reward + log-probs + update; evaluation excluded)
     time to target = training time at the first evaluation whose held-out greedy accuracy (`eval/accuracy`)
-                     reaches the target (--target, and the GRPO runs' final mean accuracy), None if never
+                     reaches the target (each of --targets, and the GRPO runs' final mean accuracy), None if never
     speed-up       = GRPO time to target / variant time to target, paired by seed; mean and min..max over seeds
     step-time ratio= GRPO mean time/step / variant mean time/step, paired by seed (throughput, no eval noise);
                      the same for the learner phases (log-probs + update) and the rollout alone
@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--eval-interval", type=int, default=2)
     p.add_argument("--eval-size", type=int, default=48)
-    p.add_argument("--target", type=float, default=0.6, help="fixed held-out accuracy target")
+    p.add_argument("--targets", default="0.6,0.75", help="held-out accuracy targets, comma-separated")
     p.add_argument("--config", default="examples/configs/smollm2_bppo_cpu.yaml")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--out", default="runs/bench/tta")
@@ -70,6 +70,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.variants = args.variants.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.targets = [float(t) for t in args.targets.split(",")]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
@@ -148,7 +149,7 @@ def spread(values):
 def analyze(args, runs):
     """Per-run figures and per-variant ratios against GRPO of the same seed."""
     grpo_final = spread([runs[("grpo", s)]["evals"][-1]["accuracy"] for s in args.seeds if ("grpo", s) in runs])
-    targets = {"fixed": args.target}
+    targets = {f"{t:.2f}": t for t in args.targets}
     if grpo_final:
         targets["grpo_final"] = grpo_final["mean"]
     per_run = {}
@@ -213,11 +214,11 @@ def fmt(s, digits=2):
 
 def tables(result):
     t = result["targets"]
+    reach = lambda hit: "not reached" if hit is None else f"{hit['step']} ({hit['seconds']:.0f})"
     lines = ["| run | steps | train s | s/step | rollout s | learner s | samples/step | learner tokens/step | "
              "acc before -> after | mean@2 after | eval length before -> after | train length (2nd half) | "
-             f"to {t['fixed']:.2f}: step (s) |", "|" + "---|" * 13]
+             + " | ".join(f"to {k}: step (s)" for k in t) + " |", "|" + "---|" * (12 + len(t))]
     for name, r in sorted(result["runs"].items()):
-        hit = r["time_to"]["fixed"]
         lines.append(
             f"| {name} | {r['steps']} | {r['train_seconds']:.0f} | {r['step_seconds_mean']:.1f} | "
             f"{r['phase_seconds_mean']['rollout']:.1f} | "
@@ -225,7 +226,7 @@ def tables(result):
             f"{r['samples_per_step']:.0f} | {r['learner_tokens_per_step']:.0f} | "
             f"{r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} | {r['mean_at_k_after']:.3f} | "
             f"{r['eval_length_before']:.1f} -> {r['eval_length_after']:.1f} | {r['train_length_last_half']:.1f} | "
-            + ("not reached" if hit is None else f"{hit['step']} ({hit['seconds']:.0f})") + " |")
+            + " | ".join(reach(r["time_to"][k]) for k in t) + " |")
     targets = " | ".join(f"speed-up to {v:.3f} ({k}) [reached]" for k, v in t.items())
     lines += ["", "Ratios are GRPO / variant for times (> 1: the variant is faster) and variant / GRPO for lengths and "
               "tokens, paired by seed: mean (min..max over seeds).", "",
@@ -256,7 +257,8 @@ def plot(result, path):
         axes[0].plot([e["train_seconds"] / 60 for e in ev], [e["accuracy"] for e in ev], style, color=c, marker="o",
                      label=label)
         axes[1].plot([e["step"] for e in ev], [e["length"] for e in ev], style, color=c, marker="o", label=label)
-    axes[0].axhline(result["targets"]["fixed"], color="grey", lw=0.8)
+    for target in result["targets"].values():
+        axes[0].axhline(target, color="grey", lw=0.8)
     axes[0].set(xlabel="training time (min, eval excluded)", ylabel="held-out pass@1 (greedy)",
                 title="accuracy vs training time")
     axes[1].set(xlabel="step", ylabel="held-out mean response length (tokens)", title="response length")
