@@ -2,7 +2,7 @@
 
     python bench/time_to_accuracy.py [--variants grpo,bppo,bppo_noprefix,bppo_fixed] [--seeds 0,1]
                                      [--steps 8] [--eval-interval 2] [--eval-size 48] [--targets 0.6,0.75]
-                                     [--out runs/bench/tta] [--analyze-only] [key=value ...]
+                                     [--data-seed 0|run] [--out runs/bench/tta] [--analyze-only] [key=value ...]
 
 Each (seed, variant) is one real training job, launched one at a time, seed-major (every variant of seed 0, then
 seed 1, ...), exactly as the CPU demo runs (examples/configs/smollm2_bppo_cpu.yaml: SmolLM2-135M-Instruct, DP2,
@@ -10,13 +10,17 @@ Megatron learner + vLLM engines, arithmetic:l0_l5_mix):
 
     torchrun --nproc-per-node 2 -m megatron_bppo.cli train --config <config> model.path=<SmolLM2>
         run_dir=<out>/<variant>-s<seed> train.steps=<steps> eval.interval=<k> data.eval_size=<n>
-        sampling.seed=<seed> data.seed=<seed> learner.seed=<seed> rollout.seed=<seed> <variant overrides> [key=value]
+        sampling.seed=<seed> learner.seed=<seed> rollout.seed=<seed> data.seed=<data seed> <variant overrides>
     --> <out>/<variant>-s<seed>/{metrics.jsonl, summary.json, train.log}
 
     grpo           algorithm.name=grpo                        all G=8 completions, whole responses, fixed G
     bppo           algorithm.name=bppo                        shortest correct + shortest wrong, prefix, adaptive
     bppo_noprefix  algorithm.name=bppo algorithm.prefix=full  ... without the prefix cut
     bppo_fixed     algorithm.name=bppo algorithm.adaptive=false ... with a fixed G=8 instead of adaptive sampling
+
+data.seed picks the generated train/held-out prompts and their order: --data-seed 0 (default) keeps them the same
+for every seed, so only sampling differs and every run starts from the same held-out accuracy; --data-seed run
+uses the run's seed (a different held-out set per seed; ratios stay paired within a seed).
 
 A run whose summary.json reports all steps is kept (rerunning the command continues an interrupted sweep); an
 unfinished run directory is deleted and the run starts over. Then, from every metrics.jsonl:
@@ -63,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-size", type=int, default=48)
     p.add_argument("--targets", default="0.6,0.75", help="held-out accuracy targets, comma-separated")
     p.add_argument("--config", default="examples/configs/smollm2_bppo_cpu.yaml")
+    p.add_argument("--data-seed", default="0", help="data.seed of every run, or 'run' for the run's seed")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--out", default="runs/bench/tta")
     p.add_argument("--analyze-only", action="store_true", help="only read the finished runs under --out")
@@ -105,7 +110,8 @@ def launch(args, model, variant, seed):
            "--config", args.config, f"model.path={model}", f"run_dir={path}", "checkpoint.dir=",
            f"train.steps={args.steps}", f"eval.interval={args.eval_interval}", f"data.eval_size={args.eval_size}",
            "train.export_hf=false", "train.tensorboard=false",
-           *(f"{k}.seed={seed}" for k in ("sampling", "data", "learner", "rollout")), *VARIANTS[variant],
+           *(f"{k}.seed={seed}" for k in ("sampling", "learner", "rollout")),
+           f"data.seed={seed if args.data_seed == 'run' else int(args.data_seed)}", *VARIANTS[variant],
            *args.overrides]
     started = time.time()
     with open(os.path.join(path, "train.log"), "w") as log:
@@ -131,7 +137,9 @@ def load_run(path):
         if "eval/accuracy" in r:
             evals.append({"step": r["step"], "train_seconds": elapsed, "accuracy": r["eval/accuracy"],
                           "mean_at_k": r.get("eval/mean@2"), "length": r.get("eval/response_length/mean")})
-    return {"evals": evals, "steps": steps}
+    with open(os.path.join(path, "config.json")) as f:
+        data_seed = json.load(f)["data"]["seed"]
+    return {"evals": evals, "steps": steps, "data_seed": data_seed}
 
 
 def time_to(run, target):
@@ -157,7 +165,7 @@ def analyze(args, runs):
         steps, evals = run["steps"], run["evals"]
         half = steps[len(steps) // 2:]
         per_run[f"{variant}-s{seed}"] = {
-            "variant": variant, "seed": seed, "steps": len(steps),
+            "variant": variant, "seed": seed, "data_seed": run["data_seed"], "steps": len(steps),
             "train_seconds": sum(s["time"] for s in steps),
             "step_seconds_mean": statistics.fmean(s["time"] for s in steps),
             "phase_seconds_mean": {p: statistics.fmean(s[p] for s in steps) for p in PHASES},
@@ -215,12 +223,12 @@ def fmt(s, digits=2):
 def tables(result):
     t = result["targets"]
     reach = lambda hit: "not reached" if hit is None else f"{hit['step']} ({hit['seconds']:.0f})"
-    lines = ["| run | steps | train s | s/step | rollout s | learner s | samples/step | learner tokens/step | "
+    lines = ["| run | data seed | steps | train s | s/step | rollout s | learner s | samples/step | learner tokens/step | "
              "acc before -> after | mean@2 after | eval length before -> after | train length (2nd half) | "
-             + " | ".join(f"to {k}: step (s)" for k in t) + " |", "|" + "---|" * (12 + len(t))]
+             + " | ".join(f"to {k}: step (s)" for k in t) + " |", "|" + "---|" * (13 + len(t))]
     for name, r in sorted(result["runs"].items()):
         lines.append(
-            f"| {name} | {r['steps']} | {r['train_seconds']:.0f} | {r['step_seconds_mean']:.1f} | "
+            f"| {name} | {r['data_seed']} | {r['steps']} | {r['train_seconds']:.0f} | {r['step_seconds_mean']:.1f} | "
             f"{r['phase_seconds_mean']['rollout']:.1f} | "
             f"{r['phase_seconds_mean']['logprob'] + r['phase_seconds_mean']['update']:.1f} | "
             f"{r['samples_per_step']:.0f} | {r['learner_tokens_per_step']:.0f} | "
