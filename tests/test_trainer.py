@@ -15,6 +15,9 @@ from conftest import ROOT, TORCHRUN, free_port, run_procs
 
 CONFIG = "examples/configs/tiny_bppo.yaml"
 TEST_REWARD = "reward.name=megatron_bppo.testing.rewards:even_length"
+# The reference BPPO run (and the killed one that must reproduce it) samples at T=0.7: the learner must score at
+# the same temperature for the mismatch check below
+BPPO_LAYOUT = ["parallel.pp=2", "sampling.temperature=0.7"]
 
 
 def train_cmd(hf, run_dir, *overrides, nproc=2):
@@ -47,8 +50,7 @@ def metrics(run_dir):
 def runs(tiny_qwen2, tmp_path_factory):
     work = tmp_path_factory.mktemp("trainer")
     out = {}
-    # bppo samples at T=0.7: the learner must score at the same temperature for the mismatch check below
-    for algo, layout in (("bppo", ["parallel.pp=2", "sampling.temperature=0.7"]), ("grpo", ["parallel.tp=2"])):
+    for algo, layout in (("bppo", BPPO_LAYOUT), ("grpo", ["parallel.tp=2"])):
         run_dir = str(work / algo)
         train(tiny_qwen2, run_dir, f"algorithm.name={algo}", "checkpoint.save_interval=1", *layout)
         out[algo] = run_dir
@@ -125,7 +127,7 @@ def test_sigkill_mid_checkpoint_and_between_steps_then_resume(runs, tiny_qwen2, 
     2 and 3, restart: the resumed steps' metrics equal the uninterrupted run's."""
     run_dir = str(tmp_path / "killed")
     ckpt = os.path.join(run_dir, "ckpt")
-    overrides = ("algorithm.name=bppo", "checkpoint.save_interval=1", "parallel.pp=2")
+    overrides = ("algorithm.name=bppo", "checkpoint.save_interval=1", *BPPO_LAYOUT)
 
     def launch():
         return subprocess.Popen(train_cmd(tiny_qwen2, run_dir, *overrides), cwd=ROOT, env=env(),
