@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -102,11 +101,9 @@ def launch(args, model, variant, seed):
     if os.path.isdir(path):
         shutil.rmtree(path)                  # an unfinished run: start it over (no checkpoint to resume from)
     os.makedirs(path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, f"--nproc-per-node={args.nproc}", f"--master-port={port}", "-m", "megatron_bppo.cli", "train",
+    from megatron_bppo.distributed import torchrun_command
+
+    cmd = [*torchrun_command(args.nproc), "-m", "megatron_bppo.cli", "train",
            "--config", args.config, f"model.path={model}", f"run_dir={path}", "checkpoint.dir=",
            f"train.steps={args.steps}", f"eval.interval={args.eval_interval}", f"data.eval_size={args.eval_size}",
            "train.export_hf=false", "train.tensorboard=false",
@@ -131,7 +128,7 @@ def load_run(path):
         if "time/step" in r:
             elapsed += r["time/step"]
             steps.append({"step": r["step"], "time": r["time/step"], "length": r.get("response_length/mean"),
-                          "accuracy": r.get("accuracy"), "samples": r.get("samples"),
+                          "samples": r.get("samples"),
                           "selected_tokens": r.get("selected/tokens", 0),
                           **{p: r.get(f"time/{p}", 0.0) for p in PHASES}})
         if "eval/accuracy" in r:

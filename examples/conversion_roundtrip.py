@@ -11,7 +11,6 @@ Writes runs/conversion/summary.json.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +18,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 RUN_DIR = os.path.join(ROOT, "runs", "conversion")
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
 def run(cmd, nproc=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if nproc > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [TORCHRUN, f"--nproc-per-node={nproc}", f"--master-port={port}", *cmd]
+        from megatron_bppo.distributed import torchrun_command
+
+        cmd = [*torchrun_command(nproc), *cmd]
     else:
         cmd = [sys.executable, *cmd]
     print("$", " ".join(cmd), flush=True)

@@ -7,7 +7,6 @@ Prints the before/after table (held-out accuracy, mean response length, time per
 passed on as config overrides, e.g. `python examples/demo.py algorithm.name=grpo run_dir=runs/demo-grpo`.
 """
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,14 @@ sys.path.insert(0, ROOT)
 
 
 def main():
+    from megatron_bppo.distributed import torchrun_command
     from megatron_bppo.testing.smollm2 import prepare_smollm2
 
     model = str(prepare_smollm2())
     if os.path.isdir(os.path.join(ROOT, "runs", "demo-bppo", "checkpoints")) and len(sys.argv) == 1:
         print("[demo] runs/demo-bppo/checkpoints exists: the run resumes from its latest checkpoint "
               "(delete runs/demo-bppo for a fresh run)", flush=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--nproc-per-node=2", f"--master-port={port}", "-m", "megatron_bppo.cli", "train",
+    cmd = [*torchrun_command(2), "-m", "megatron_bppo.cli", "train",
            "--config", "examples/configs/smollm2_bppo_cpu.yaml", f"model.path={model}", *sys.argv[1:]]
     print("$", " ".join(cmd), flush=True)
     started = time.time()

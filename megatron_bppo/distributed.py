@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
+import sys
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -25,6 +27,19 @@ class LaunchEnv:
     master_addr: str
     master_port: int
     source: str             # "torchrun" | "slurm" | "single"
+
+
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a local torchrun's --master-port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    """The local launcher prefix: this interpreter's torchrun with nproc ranks on a free port."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return [torchrun, f"--nproc-per-node={nproc}", f"--master-port={free_local_port()}"]
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny HF checkpoints (built once per session) and a torchrun launcher."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -9,7 +8,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+from megatron_bppo.distributed import free_local_port as free_port, torchrun_command  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,17 +31,11 @@ def tiny_llama_tied(models_dir):
     return str(make_tiny_checkpoint(models_dir / "llama-tied", arch="llama", tie_word_embeddings=True))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_procs(script_args, nproc: int = 1, timeout: int = 600, env=None, check=True):
     """Run a script under torchrun (nproc > 1) or plain python; OMP_NUM_THREADS=1 per rank."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     if nproc > 1:
-        cmd = [TORCHRUN, f"--nproc-per-node={nproc}", f"--master-port={free_port()}", *script_args]
+        cmd = [*torchrun_command(nproc), *script_args]
     else:
         cmd = [sys.executable, *script_args]
         full_env.setdefault("MASTER_PORT", str(free_port()))

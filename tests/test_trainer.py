@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TORCHRUN, free_port, run_procs
+from conftest import ROOT, free_port, run_procs, torchrun_command
 
 CONFIG = "examples/configs/tiny_bppo.yaml"
 TEST_REWARD = "reward.name=megatron_bppo.testing.rewards:even_length"
@@ -24,7 +24,7 @@ def train_cmd(hf, run_dir, *overrides, nproc=2):
     args = ["-m", "megatron_bppo.cli", "train", "--config", CONFIG, f"model.path={hf}", f"run_dir={run_dir}",
             f"checkpoint.dir={run_dir}/ckpt", TEST_REWARD, "train.dump_batches=true", *overrides]
     if nproc > 1:
-        return [TORCHRUN, f"--nproc-per-node={nproc}", f"--master-port={free_port()}", *args]
+        return [*torchrun_command(nproc), *args]
     return [sys.executable, *args]
 
 
