@@ -5,22 +5,23 @@ prefix cut), measured side by side in one process.
                                  [--out runs/bench/learner_cost]
 
 Rollout (once, untimed): SmolLM2-135M-Instruct (fp32) in the in-process vLLM engine samples max(G) completions at
-T=0.7 for `--prompts` generated arithmetic prompts (arithmetic:l0_l5_mix, rendered with the chat template exactly
-as trainer.render_prompts does), scored by the gsm8k reward. The batch for a smaller G is the first G completions
-of each group (i.i.d. samples, so a valid G-sample draw). Each (G, variant) builds its update batch from the same
-groups with build_update_batch:
+T=0.7 for `--prompts` generated arithmetic prompts (arithmetic:l0_l5_mix, rendered with the chat template by
+megatron_bppo.data.prompts, as the trainer renders them), scored by the gsm8k reward. The batch for a smaller G is
+the first G completions of each group (i.i.d. samples, so a valid G-sample draw). Each (G, variant) builds its
+update batch from the same groups with build_update_batch:
     grpo          selector all, prefix full            (every completion, whole responses)
     bppo_full     selector binary, prefix full         (shortest correct + shortest wrong of each mixed group)
     bppo_prefix   selector binary, prefix ratio 0.5    (the same pair, first ceil(0.5 L) response tokens, floor
                                                         --prefix-min-tokens, default 1: the pure cut)
-Timed (the learner phase of trainer.rl_step): Learner.compute_logprobs (old log-probs) + Learner.train_step
-(clipped PG loss from trainer.make_loss_fn, optimizer step). Every timed run starts from the same weights: a fresh
-Learner is built from the HF dir before it (outside the timed region). Repeats are interleaved over variants
-(repeat 1 of every variant, then repeat 2, ...) so drifting background load hits every variant alike; the min
-is reported. Reported: time, tokens through the learner (prompt + kept response tokens of the trained
-sequences), padded tokens (micro-batch rows x longest), selected sequences, ratios vs GRPO, and
-efficiency = time ratio / token ratio (1.0: the speed-up equals the token reduction; > 1: fixed costs such as
-the optimizer step eat part of it). Writes learner_cost.json and learner_cost.png to --out.
+Timed (the learner phase of trainer.rl_step): batch.attach_logprobs (old log-probs, engine mismatch) +
+Learner.train_step (clipped PG loss from batch.policy_loss_fn, optimizer step). Every timed run starts from the
+same weights: a fresh Learner is built from the HF dir (learner.build_learner) before it, outside the timed
+region. Repeats are interleaved over variants (repeat 1 of every variant, then repeat 2, ...) so drifting
+background load hits every variant alike; the min is reported. Reported: time, tokens through the learner
+(prompt + kept response tokens of the trained sequences), padded tokens (micro-batch rows x longest), selected
+sequences, ratios vs GRPO, and efficiency = time ratio / token ratio (1.0: the speed-up equals the token
+reduction; > 1: fixed costs such as the optimizer step eat part of it). Writes learner_cost.json and
+learner_cost.png to --out.
 """
 import argparse
 import dataclasses
@@ -42,11 +43,10 @@ def rollout(args, hf):
 
     from megatron_bppo.algorithms import AdaptiveScheduler
     from megatron_bppo.collect import collect_groups
-    from megatron_bppo.config import load_config
-    from megatron_bppo.data import open_dataset
+    from megatron_bppo.config import RolloutConfig, load_config
+    from megatron_bppo.data.prompts import open_dataset, render_prompts
     from megatron_bppo.rewards import get_reward
-    from megatron_bppo.rollout import RolloutConfig, VLLMEngine
-    from megatron_bppo.trainer import render_prompts
+    from megatron_bppo.rollout import VLLMEngine
 
     cfg = load_config(None, [f"data.train={args.data}", "data.instruction=direct",
                              f"rollout.max_model_len={args.max_len}",
@@ -78,33 +78,29 @@ def padded_tokens(lengths, budget):
     return sum(len(grp) * lengths[grp[0]] for grp in pack_by_length(list(range(len(lengths))), lengths, budget))
 
 
-def timed_update(hf, batch, algo, args, pad):
-    """Fresh learner (untimed), then old log-probs + one train_step (timed)."""
+def timed_update(model, hf_config, batch, algo, args, pad):
+    """Fresh learner (untimed), then old log-probs + one train_step (timed), as trainer.rl_step runs them."""
     import torch
 
-    from megatron_bppo.batch import loss_normalizer
-    from megatron_bppo.config import LearnerConfig, OptimConfig
-    from megatron_bppo.learner import Learner
-    from megatron_bppo.model.bridge import HFBridge
-    from megatron_bppo.trainer import make_loss_fn
+    from megatron_bppo.batch import attach_logprobs, policy_loss_fn
+    from megatron_bppo.config import LearnerConfig, OptimConfig, ParallelConfig
+    from megatron_bppo.learner import build_learner
 
-    learner = Learner(HFBridge(hf).build(), OptimConfig(lr=args.lr),
-                      LearnerConfig(micro_batch_tokens=args.micro_batch_tokens, max_seq_len=args.max_len), pad_id=pad,
-                      temperature=args.temperature)              # as the trainer: the sampling temperature
-    fields = [dict(f) for f in batch.fields]
+    _, _, learner, _ = build_learner(
+        model, ParallelConfig(), OptimConfig(lr=args.lr),
+        LearnerConfig(micro_batch_tokens=args.micro_batch_tokens, max_seq_len=args.max_len), pad_id=pad,
+        temperature=args.temperature, seed=args.seed, hf_config=hf_config)   # as the trainer: sampling temperature
     gc.collect()
     t0 = time.perf_counter()
-    old = learner.compute_logprobs(batch.sequences)
-    for f, o in zip(fields, old):
-        f["old"] = o.cpu()
+    mismatch = attach_logprobs(batch, learner)         # overwrites the previous run's old log-probs of this batch
     t1 = time.perf_counter()
-    metrics = learner.train_step(batch.sequences, fields, make_loss_fn(algo, loss_normalizer(batch, algo.aggregation)))
+    metrics = learner.train_step(batch.sequences, batch.fields, policy_loss_fn(algo, batch))
     t2 = time.perf_counter()
     assert metrics["update_ok"] == 1.0 and torch.isfinite(torch.tensor(metrics["loss"])), metrics
     del learner
     gc.collect()
     return {"logprob_s": t1 - t0, "update_s": t2 - t1, "total_s": t2 - t0,
-            "micro_batches": metrics["micro_batches"], "grad_norm": metrics["grad_norm"]}
+            "micro_batches": metrics["micro_batches"], "grad_norm": metrics["grad_norm"], "mismatch": mismatch}
 
 
 def main():
@@ -131,18 +127,17 @@ def main():
 
     import torch
 
-    from megatron_bppo.batch import build_update_batch
-    from megatron_bppo.config import AlgorithmConfig, ParallelConfig
-    from megatron_bppo.distributed import init_distributed
-    from megatron_bppo.model.bridge import model_dims, read_hf_config
+    from megatron_bppo.batch import build_update_batch, prefix_rule
+    from megatron_bppo.config import AlgorithmConfig, ModelConfig, ParallelConfig
+    from megatron_bppo.model.bridge import open_model
+    from megatron_bppo.model.smollm2 import model_dir_or_default
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.model:
-        from megatron_bppo.testing.smollm2 import prepare_smollm2
-        args.model = str(prepare_smollm2())
+    args.model = model_dir_or_default(args.model)
+    model = ModelConfig(path=args.model)
     os.environ.setdefault("MASTER_PORT", "29581")
-    init_distributed(ParallelConfig(), model_dims(read_hf_config(args.model)), seed=args.seed)
+    _, bridge = open_model(model, ParallelConfig(), seed=args.seed)   # process groups first: the engine joins them
     groups, rollout_s, pad = rollout(args, args.model)
     threads = torch.get_num_threads()
     print(f"[learner_cost] rollout: {len(groups)} prompts x {max(args.group_sizes)} completions in {rollout_s:.1f}s; "
@@ -153,7 +148,7 @@ def main():
         sub = first_g(groups, g)
         for name, kw in VARIANTS.items():
             algo = AlgorithmConfig(**kw, group_size=g, prefix_min_tokens=args.prefix_min_tokens)
-            batch = build_update_batch(sub, algo, algo.prefix_rule(), step=1)
+            batch = build_update_batch(sub, algo, prefix_rule(algo), step=1)
             lengths = [len(s) for s in batch.sequences]
             cases[(g, name)] = dict(
                 G=g, variant=name, algo=algo, batch=batch, runs=[], sequences=len(batch.sequences),
@@ -166,7 +161,7 @@ def main():
         for key, case in cases.items():
             if not case["sequences"]:
                 continue
-            run = timed_update(args.model, case["batch"], case["algo"], args, pad)
+            run = timed_update(model, bridge.hf_config, case["batch"], case["algo"], args, pad)
             run["load1"] = os.getloadavg()[0]
             case["runs"].append(run)
             print(f"[learner_cost] repeat {r + 1}/{args.repeats} G={key[0]} {key[1]:12s} {run['total_s']:7.2f}s "

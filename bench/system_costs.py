@@ -13,8 +13,10 @@
     tokens the two agree on (fp32 both; divergence after some tokens is numerical, not a bug).
 (c) peak memory: one real trainer step (trainer.setup + trainer.rl_step, BPPO, the CPU demo's settings at a
     smaller size) with RSS (psutil) and peak RSS (getrusage ru_maxrss) recorded after the learner build, the
-    engine build, and each phase of the step (sync, rollout, logprob, update). World size 1: one rank holds the
-    learner AND the engine, as every rank does in the colocated layout (one rank of the DP2 demo holds the same).
+    engine build, and each phase of the step (sync, rollout, logprob, update), read through the trainer's own
+    phase timer (trainer.setup and trainer.rl_step take the timer as an argument; this one also records
+    memory at the end of each phase). World size 1: one rank holds the learner AND the
+    engine, as every rank does in the colocated layout (one rank of the DP2 demo holds the same).
 Writes the combined results as json (--json; rerunning some --parts replaces only their entries) and prints
 one table per part.
 """
@@ -56,12 +58,15 @@ def interleave(fns: dict, repeats: int):
 def part_a(args, hf):
     import torch
 
-    from megatron_bppo.config import LearnerConfig, OptimConfig
-    from megatron_bppo.learner import Learner, token_logprobs
-    from megatron_bppo.model.bridge import HFBridge, read_hf_config
+    from megatron_bppo.config import LearnerConfig, ModelConfig, OptimConfig, ParallelConfig
+    from megatron_bppo.learner import build_learner, token_logprobs
 
-    vocab = read_hf_config(hf).vocab_size
     lo, hi = map(int, args.lengths.split(","))
+    _, bridge, learner, _ = build_learner(ModelConfig(path=hf), ParallelConfig(), OptimConfig(lr=1e-6),
+                                          LearnerConfig(micro_batch_tokens=args.micro_batch_tokens, max_seq_len=hi))
+    bare = bridge.build()[0]                # the same weights as a bare GPTModel: no DDP, no optimizer
+    bare.train()
+    vocab = bridge.hf_config.vocab_size
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(3, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=g)),),
                           generator=g) for _ in range(args.seqs)]
@@ -71,10 +76,6 @@ def part_a(args, hf):
     def nll(logprobs, mb):
         return -(logprobs * mb.fields["mask"]).sum() / total, {}
 
-    learner = Learner(HFBridge(hf).build(), OptimConfig(lr=1e-6),
-                      LearnerConfig(micro_batch_tokens=args.micro_batch_tokens, max_seq_len=hi))
-    bare = HFBridge(hf).build()[0]
-    bare.train()
     batches = learner._micro_batches(seqs, fields)
 
     def bare_step():
@@ -113,11 +114,12 @@ def part_b(args, hf):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_bppo.config import load_config
-    from megatron_bppo.data import open_dataset
-    from megatron_bppo.rollout import RolloutConfig, SamplingConfig, VLLMEngine
-    from megatron_bppo.trainer import render_prompts
+    from megatron_bppo.config import ModelConfig, ParallelConfig, RolloutConfig, SamplingConfig, load_config
+    from megatron_bppo.data.prompts import open_dataset, render_prompts
+    from megatron_bppo.model.bridge import open_model
+    from megatron_bppo.rollout import VLLMEngine
 
+    open_model(ModelConfig(path=hf), ParallelConfig())       # the process groups the trainer's engine starts in
     n, tok = args.new_tokens, AutoTokenizer.from_pretrained(hf)
     cfg = load_config(None, ["data.instruction=direct", "rollout.max_model_len=512", f"sampling.max_tokens={n}"])
     examples = open_dataset("arithmetic:l0_l5_mix", size=args.gen_prompts)
@@ -155,29 +157,23 @@ def part_b(args, hf):
             "torch_threads": torch.get_num_threads()}
 
 
+SETUP_PHASES = {"setup/learner": "learner build", "setup/engine": "engine build"}
+
+
 def part_c(args, hf):
-    import megatron_bppo.rollout as rollout_pkg
     from megatron_bppo import trainer
     from megatron_bppo.config import load_config
     from megatron_bppo.metrics import PhaseTimer
 
     marks = [("start (imports)", rss())]
-    base = rollout_pkg.VLLMEngine
 
-    class Engine(base):
-        def __init__(self, *a, **kw):
-            marks.append(("after learner build", rss()))
-            super().__init__(*a, **kw)
-            marks.append(("after engine build", rss()))
-
-    class MemTimer(PhaseTimer):          # rl_step's phase timer, also recording memory at each phase's end
+    class MemTimer(PhaseTimer):          # the trainer's phase timer, also recording memory at each phase's end
         @contextlib.contextmanager
         def __call__(self, name):
             with super().__call__(name):
                 yield self
-            marks.append((f"after {name}", rss()))
+            marks.append((f"after {SETUP_PHASES.get(name, name)}", rss()))
 
-    rollout_pkg.VLLMEngine = Engine
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [
             f"run_dir={tmp}", f"model.path={hf}", "algorithm.prefix_min_tokens=16",
@@ -187,7 +183,7 @@ def part_c(args, hf):
             "data.train=arithmetic:l0_l5_mix", f"data.prompts_per_step={args.step_prompts}", "data.train_size=64",
             "data.eval_size=8", "optim.lr=2e-5", "train.tensorboard=false",
             "train.export_hf=false"])
-        run = trainer.setup(cfg)
+        run = trainer.setup(cfg, timer=MemTimer())      # phases setup/learner, then setup/engine
         metrics = trainer.rl_step(run, 1, MemTimer())
         run.engine.close()
     return {"marks": [{"phase": k, **v} for k, v in marks], "world_size": 1,
@@ -211,17 +207,10 @@ def main():
     ap.add_argument("--part", default="", help=argparse.SUPPRESS)
     ap.add_argument("--part-out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    hf = args.model
-    if not hf:
-        from megatron_bppo.testing.smollm2 import prepare_smollm2
-        hf = str(prepare_smollm2())
-    if args.part:                                   # worker: one part in a fresh process
-        from megatron_bppo.config import ParallelConfig
-        from megatron_bppo.distributed import init_distributed
-        from megatron_bppo.model.bridge import model_dims, read_hf_config
+    from megatron_bppo.model.smollm2 import model_dir_or_default
 
-        if args.part != "c":
-            init_distributed(ParallelConfig(), model_dims(read_hf_config(hf)))
+    hf = model_dir_or_default(args.model)
+    if args.part:                                   # worker: one part in a fresh process
         result = {"a": part_a, "b": part_b, "c": part_c}[args.part](args, hf)
         result["load1_end"] = os.getloadavg()[0]
         with open(args.part_out, "w") as f:

@@ -286,7 +286,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     jobs = [(v, s) for s in args.seeds for v in args.variants]
     if not args.analyze_only:
-        from megatron_bppo.testing.smollm2 import prepare_smollm2
+        from megatron_bppo.model.smollm2 import prepare_smollm2
 
         model = str(prepare_smollm2())
         for i, (variant, seed) in enumerate(jobs, 1):

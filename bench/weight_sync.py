@@ -28,15 +28,15 @@ def worker(args):
     import torch
     import torch.distributed as dist
 
-    from megatron_bppo.config import LearnerConfig, OptimConfig, ParallelConfig
-    from megatron_bppo.distributed import destroy_distributed, init_distributed
+    from megatron_bppo.config import LearnerConfig, ModelConfig, OptimConfig, ParallelConfig, RolloutConfig
+    from megatron_bppo.distributed import destroy_distributed
     from megatron_bppo.learner import Learner
-    from megatron_bppo.model.bridge import HFBridge, model_dims, read_hf_config
-    from megatron_bppo.rollout import RolloutConfig, VLLMEngine
+    from megatron_bppo.model.bridge import open_model
+    from megatron_bppo.rollout import VLLMEngine
     from megatron_bppo.weight_sync import sync_weights
 
-    launch, _ = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp), model_dims(read_hf_config(args.hf)))
-    bridge = HFBridge(args.hf)
+    launch, bridge = open_model(ModelConfig(path=args.hf), ParallelConfig(tp=args.tp, pp=args.pp))
+    # forward-only (no DDP buffers, no optimizer): the sync reads the weights, nothing trains
     learner = Learner(bridge.build(), OptimConfig(), LearnerConfig(micro_batch_tokens=256, max_seq_len=256),
                       trainable=False)
     models = learner.unwrapped_models()
@@ -127,7 +127,7 @@ def main():
     if args.worker:
         return worker(args)
 
-    from megatron_bppo.testing.smollm2 import prepare_smollm2
+    from megatron_bppo.model.smollm2 import prepare_smollm2
 
     hf = str(prepare_smollm2())
     results = {}

@@ -45,7 +45,7 @@ def main():
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_bppo.testing.smollm2 import prepare_smollm2
+    from megatron_bppo.model.smollm2 import prepare_smollm2
 
     os.makedirs(RUN_DIR, exist_ok=True)
     start = time.time()

@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 
 def main():
     from megatron_bppo.distributed import torchrun_command
-    from megatron_bppo.testing.smollm2 import prepare_smollm2
+    from megatron_bppo.model.smollm2 import prepare_smollm2
 
     model = str(prepare_smollm2())
     if os.path.isdir(os.path.join(ROOT, "runs", "demo-bppo", "checkpoints")) and len(sys.argv) == 1:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_bppo.data import GSM8K_INSTRUCTION, DatasetError, load_prompts  # noqa: E402
+from megatron_bppo.data import GSM8K_INSTRUCTION, DatasetError, read_prompt_file  # noqa: E402
 from megatron_bppo.data.datasets import write_prompts_jsonl, write_verl_parquet  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def prepare(inputs: list[str], out_dir: str, *, parquet: bool = False, split: st
     reports = {}
     for f in files:
         name = split or split_name(f)
-        ds = load_prompts(f, schema="gsm8k", data_source="gsm8k", id_prefix=f"gsm8k-{name}-", limit=limit)
+        ds = read_prompt_file(f, schema="gsm8k", data_source="gsm8k", id_prefix=f"gsm8k-{name}-", limit=limit)
         for ex in ds:
             ex.meta["split"] = name
         write_prompts_jsonl(ds, Path(out_dir) / f"{name}.jsonl")

@@ -26,7 +26,7 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_bppo.data import BOXED_INSTRUCTION, DatasetError, PromptDataset, load_prompts  # noqa: E402
+from megatron_bppo.data import BOXED_INSTRUCTION, DatasetError, PromptDataset, read_prompt_file  # noqa: E402
 from megatron_bppo.data.datasets import write_prompts_jsonl, write_verl_parquet  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def prepare(inputs: list[str], out_dir: str, *, parquet: bool = False, split: Op
     """Convert every input; returns {split: PromptDataset} (after the level/type filters)."""
     result = {}
     for name, path in find_splits(inputs, split):
-        ds = load_prompts(path, schema="math", data_source="math", id_prefix="")
+        ds = read_prompt_file(path, schema="math", data_source="math", id_prefix="")
         kept = []
         for ex in ds:
             ex.id = f"math-{name}-{ex.id}"

@@ -1,22 +1,34 @@
-"""Rollout groups -> the learner's update batch (advantages, selection, prefix cut).
+"""The learner's update batch: built from rollout groups, given its log-probs, split into mini-batches, scored.
 
-    groups (prompt ids, completions, rewards)
+    groups (prompt ids, completions, rewards, correct)
       --(group_advantages over ALL completions of a group)--> A[g, i]
-      --(selector: all = GRPO, binary = BPPO)--> which completions train
+      --(selector: all = GRPO, binary = BPPO; pair weighting)--> which completions train, with which advantage
       --(PrefixRule: keep the first k response tokens; the suffix is dropped, not masked)--> training sequences
-    each sequence = prompt + kept response; per-token fields (length L-1, index t predicts token t+1):
-      mask     1 on the kept response tokens' targets
-      adv      the completion's advantage on every position
-      rollout  the engine's log-prob of each kept response token (0 elsewhere)
+      --(attach_logprobs: learner OLD_LOGPROBS, reference REF_LOGPROBS; engine/learner mismatch)--> UpdateBatch
+      --(split_batch)--> mini-batches --(policy_loss_fn: clipped PG loss, the batch's normaliser)--> Learner.train_step
+    each sequence = prompt + kept response; per-token fields (length L-1, index t predicts token t+1), by name:
+      MASK             1 on the kept response tokens' targets
+      ADVANTAGE        the completion's advantage on every position
+      ENGINE_LOGPROBS  the engine's log-prob of each kept response token (0 elsewhere)
+      OLD_LOGPROBS     the learner's log-probs before the update (attach_logprobs)
+      REF_LOGPROBS     the frozen reference model's log-probs (attach_logprobs; only with algorithm.kl_coef)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
-from .algorithms import (PrefixRule, correctness, get_selector, group_advantages, weight_selected_advantages)
+from .algorithms import (PrefixRule, correctness, get_selector, group_advantages, policy_loss,
+                         weight_selected_advantages)
+from .rollout.consistency import logprob_mismatch
+
+# Names of the per-token fields (the learner pads them and hands them to the loss by these names).
+MASK = "mask"
+ADVANTAGE = "adv"
+ENGINE_LOGPROBS = "rollout"
+OLD_LOGPROBS = "old"
+REF_LOGPROBS = "ref"
 
 
 @dataclass
@@ -62,6 +74,13 @@ def dense(groups: list[Group]):
     return rewards, lengths, valid
 
 
+def prefix_rule(algo) -> PrefixRule:
+    """config.AlgorithmConfig -> the prefix rule (validated there key by key)."""
+    return PrefixRule(mode=algo.resolved_prefix(), ratio=algo.prefix_ratio, tokens=algo.prefix_tokens,
+                      min_tokens=algo.prefix_min_tokens, max_tokens=algo.prefix_max_tokens,
+                      schedule=tuple(tuple(p) for p in algo.prefix_schedule) or None)
+
+
 def build_update_batch(groups: list[Group], algo, prefix_rule: PrefixRule, step: int) -> UpdateBatch:
     """`algo`: config.AlgorithmConfig (advantage, reward_type, selector, pair_weighting, ...)."""
     rewards, lengths, valid = dense(groups)
@@ -83,8 +102,8 @@ def build_update_batch(groups: list[Group], algo, prefix_rule: PrefixRule, step:
         rollout = torch.zeros(len(tokens) - 1)
         rollout[prompt_len - 1:] = completion.logprobs[:k].float()
         out.sequences.append(tokens)
-        out.fields.append({"mask": mask, "adv": torch.full((len(tokens) - 1,), float(weights[gi, ci])),
-                           "rollout": rollout})
+        out.fields.append({MASK: mask, ADVANTAGE: torch.full((len(tokens) - 1,), float(weights[gi, ci])),
+                           ENGINE_LOGPROBS: rollout})
         out.prompt_lengths.append(prompt_len)
         out.keep_lengths.append(k)
         out.response_lengths.append(len(completion.token_ids))
@@ -93,6 +112,20 @@ def build_update_batch(groups: list[Group], algo, prefix_rule: PrefixRule, step:
                       selected_response_tokens_full=sum(out.response_lengths),
                       mixed_groups=int(sum(1 for g in groups if 0 < sum(g.correct) < len(g.correct))))
     return out
+
+
+def attach_logprobs(batch: UpdateBatch, learner, ref=None) -> dict:
+    """Score the batch with the learner (OLD_LOGPROBS) and the reference (REF_LOGPROBS, when given); returns the
+    engine/learner mismatch over the trained response tokens (rollout.consistency.logprob_mismatch)."""
+    old = learner.compute_logprobs(batch.sequences)
+    ref_logprobs = ref.compute_logprobs(batch.sequences) if ref is not None else None
+    for i, fields in enumerate(batch.fields):
+        fields[OLD_LOGPROBS] = old[i].cpu()
+        if ref_logprobs is not None:
+            fields[REF_LOGPROBS] = ref_logprobs[i].cpu()
+    masks = [f[MASK].bool() for f in batch.fields]
+    return logprob_mismatch([f[ENGINE_LOGPROBS][m] for f, m in zip(batch.fields, masks)],
+                            [f[OLD_LOGPROBS][m] for f, m in zip(batch.fields, masks)])
 
 
 def split_batch(batch: UpdateBatch, parts: int) -> list[UpdateBatch]:
@@ -109,8 +142,27 @@ def split_batch(batch: UpdateBatch, parts: int) -> list[UpdateBatch]:
     return chunks
 
 
-def loss_normalizer(batch: UpdateBatch, aggregation: str) -> Optional[float]:
+def loss_normalizer(batch: UpdateBatch, aggregation: str) -> float:
     """The global denominator of the chosen aggregation for this (mini-)batch."""
     if aggregation == "token-mean":
         return float(max(batch.tokens, 1))
     return float(max(len(batch.sequences), 1))
+
+
+def policy_loss_fn(algo, batch: UpdateBatch):
+    """The loss of one optimizer step on `batch` (a mini-batch), as Learner.train_step calls it per micro-batch:
+    (log-probs, MicroBatch) -> (loss, token-weighted sums for the step's metrics)."""
+    normalizer = loss_normalizer(batch, algo.aggregation)
+
+    def loss_fn(logprobs, mb):
+        f = mb.fields
+        loss, m = policy_loss(
+            logprobs, f[OLD_LOGPROBS], f[ADVANTAGE], f[MASK], clip_low=algo.clip_low, clip_high=algo.clip_high,
+            aggregation=algo.aggregation, norm_constant=algo.norm_constant, normalizer=normalizer,
+            kl_coef=algo.kl_coef, ref_logprobs=f.get(REF_LOGPROBS), kl_estimator=algo.kl_estimator,
+            rollout_logprobs=f[ENGINE_LOGPROBS], rollout_is=algo.rollout_is, rollout_is_cap=algo.rollout_is_cap)
+        tokens = m["tokens"]
+        return loss, {"loss_tokens": tokens, "clip_frac_x_tokens": m["clip_frac"] * tokens,
+                      "approx_kl_x_tokens": m["approx_kl"] * tokens, "kl_x_tokens": m["kl"] * tokens}
+
+    return loss_fn

@@ -13,9 +13,19 @@ import dataclasses
 import time
 from typing import Callable, Optional
 
-from .algorithms import SCHEDULER_COUNTERS, run_schedule
+from .algorithms import SCHEDULER_COUNTERS, AdaptiveScheduler, run_schedule
 from .batch import Group
 from .rewards import score_batch
+from .seeds import rollout_round_seed
+
+
+def sampling_schedule(algo) -> AdaptiveScheduler:
+    """config.AlgorithmConfig -> how many completions each prompt gets (adaptive for BPPO, fixed G for GRPO)."""
+    if not algo.is_adaptive():
+        return AdaptiveScheduler.fixed(algo.group_size)
+    return AdaptiveScheduler(n_init=algo.n_init, g_max=algo.group_size, n_step=algo.n_step,
+                             skip_after=algo.skip_after, skip_cooldown=algo.skip_cooldown,
+                             target_pairs=algo.target_pairs, max_prompt_draw_factor=algo.max_prompt_draw_factor)
 
 
 @dataclasses.dataclass
@@ -26,7 +36,7 @@ class RolloutResult:
     rounds: int
 
 
-def collect_groups(engine, scheduler, prompts: list, sampling, reward_fn, reward_kwargs: dict, seed: int,
+def collect_groups(engine, schedule, prompts: list, sampling, reward_fn, reward_kwargs: dict, seed: int,
                    draw_more: Optional[Callable[[int], list]] = None) -> RolloutResult:
     """`prompts`: rendered prompts (.example.id, .example.reference, .token_ids). Every rank calls this with the
     same arguments and gets the same groups (the engine gathers results over its replicas)."""
@@ -37,13 +47,13 @@ def collect_groups(engine, scheduler, prompts: list, sampling, reward_fn, reward
             by_id[r.example.id] = Group(r.example.id, list(r.token_ids), r.example.reference)
         return [r.example.id for r in rendered]
 
-    before = dict(scheduler.counters)
+    before = dict(schedule.counters)
     reward_seconds, rounds = 0.0, 0
 
     def sample(plan: dict) -> dict:
         nonlocal reward_seconds, rounds
         ids = list(plan)
-        call_sampling = dataclasses.replace(sampling, seed=seed * 1000 + rounds)
+        call_sampling = dataclasses.replace(sampling, seed=rollout_round_seed(seed, rounds))
         results = engine.generate([by_id[p].prompt_ids for p in ids], [plan[p] for p in ids], call_sampling)
         rounds += 1
         started = time.perf_counter()
@@ -60,6 +70,6 @@ def collect_groups(engine, scheduler, prompts: list, sampling, reward_fn, reward
         return new
 
     draw = (lambda n: register(draw_more(n))) if draw_more is not None else None
-    state = run_schedule(scheduler, register(prompts), sample, draw)
-    counters = {k: scheduler.counters[k] - before.get(k, 0) for k in SCHEDULER_COUNTERS}
+    state = run_schedule(schedule, register(prompts), sample, draw)
+    counters = {k: schedule.counters[k] - before.get(k, 0) for k in SCHEDULER_COUNTERS}
     return RolloutResult([by_id[p] for p in state], counters, reward_seconds, rounds)

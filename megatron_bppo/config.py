@@ -1,8 +1,10 @@
 """Typed run configuration: YAML file -> dataclasses -> dotted command-line overrides -> validation.
 
-    cfg = load_config("examples/tiny.yaml", ["parallel.tp=2", "optim.lr=1e-5"])
+    cfg = load_config("examples/configs/tiny_bppo.yaml", ["parallel.tp=2", "optim.lr=1e-5"])
 
-Every section is a dataclass; unknown keys, wrong types and bad values raise `ConfigError` with the
+Every section of the run lives here, the rollout engine's and sampling's included, and this module imports
+nothing of the package but errors.py (the choice lists of algorithm fields are imported inside validate, from the
+pure algorithms package). Every section is a dataclass; unknown keys, wrong types and bad values raise `ConfigError` with the
 dotted key and what to do about it, before any process group or model is created.
 """
 from __future__ import annotations
@@ -13,13 +15,11 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 
 from .errors import ConfigError
-from .rollout.engine import SamplingConfig
-from .rollout.vllm_engine import RolloutConfig
 
 
 @dataclass
@@ -129,7 +129,6 @@ class AlgorithmConfig:
     norm_constant: Optional[float] = None
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
     rollout_is: str = "none"             # none | truncated (importance ratio against the engine's log-probs)
     rollout_is_cap: float = 2.0
     epochs: int = 1                      # passes over each rollout batch
@@ -162,31 +161,114 @@ class AlgorithmConfig:
             raise ConfigError(f"algorithm.group_size={self.group_size}: a group needs >= 2 completions")
         if self.is_adaptive() and not 1 <= self.n_init <= self.group_size:
             raise ConfigError(f"algorithm.n_init={self.n_init}: must be in [1, group_size={self.group_size}]")
-        if self.entropy_coef:
-            raise ConfigError("algorithm.entropy_coef > 0 is not supported yet: the learner does not compute "
-                              "vocab-parallel entropy; set it to 0")
         if self.epochs < 1 or self.mini_batches < 1:
             raise ConfigError("algorithm.epochs and algorithm.mini_batches must be >= 1")
-        self.prefix_rule(validate_only=True)
+        self._validate_prefix()
 
-    def prefix_rule(self, validate_only: bool = False):
-        from .algorithms import PrefixRule
+    def _validate_prefix(self):
+        """The prefix fields, key by key (algorithms.PrefixRule checks the same invariants on its own inputs)."""
+        mode = self.resolved_prefix()
+        if mode == "ratio" and not self.prefix_schedule and not 0 < self.prefix_ratio <= 1:
+            raise ConfigError(f"algorithm.prefix_ratio={self.prefix_ratio}: must be in (0, 1]")
+        if mode == "fixed" and not self.prefix_schedule and (self.prefix_tokens is None or self.prefix_tokens < 1):
+            raise ConfigError(f"algorithm.prefix=fixed needs algorithm.prefix_tokens >= 1 (or a prefix_schedule), "
+                              f"got {self.prefix_tokens}")
+        if self.prefix_min_tokens < 1:
+            raise ConfigError(f"algorithm.prefix_min_tokens={self.prefix_min_tokens}: must be >= 1")
+        if self.prefix_max_tokens is not None and self.prefix_max_tokens < self.prefix_min_tokens:
+            raise ConfigError(f"algorithm.prefix_max_tokens={self.prefix_max_tokens}: must be >= "
+                              f"algorithm.prefix_min_tokens={self.prefix_min_tokens} (or null for no ceiling)")
+        if not self.prefix_schedule:
+            return
+        if mode == "full":
+            raise ConfigError("algorithm.prefix_schedule is meaningless with algorithm.prefix=full: remove it or "
+                              "use ratio / fixed")
+        points = [tuple(p) if isinstance(p, (list, tuple)) else (p,) for p in self.prefix_schedule]
+        if any(len(p) != 2 for p in points):
+            raise ConfigError(f"algorithm.prefix_schedule={self.prefix_schedule}: expected [[step, value], ...]")
+        steps = [s for s, _ in points]
+        if any(not isinstance(s, (int, float)) or int(s) != s or s < 0 for s in steps) or steps != sorted(steps):
+            raise ConfigError(f"algorithm.prefix_schedule steps {steps}: must be non-decreasing integers >= 0")
+        for s, v in points:
+            ok = isinstance(v, (int, float)) and (0 < v <= 1 if mode == "ratio" else v >= 1)
+            if not ok:
+                raise ConfigError(f"algorithm.prefix_schedule value {v!r} at step {s}: must be "
+                                  + ("a ratio in (0, 1]" if mode == "ratio" else "a token count >= 1"))
 
-        try:
-            return PrefixRule(mode=self.resolved_prefix(), ratio=self.prefix_ratio, tokens=self.prefix_tokens,
-                              min_tokens=self.prefix_min_tokens, max_tokens=self.prefix_max_tokens,
-                              schedule=tuple(tuple(p) for p in self.prefix_schedule) or None)
-        except ValueError as e:
-            raise ConfigError(f"algorithm.prefix_*: {e}") from None
 
-    def scheduler(self):
-        from .algorithms import AdaptiveScheduler
+# ----------------------------------------------------------------------- rollout engine and sampling
+LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
-        if not self.is_adaptive():
-            return AdaptiveScheduler.fixed(self.group_size)
-        return AdaptiveScheduler(n_init=self.n_init, g_max=self.group_size, n_step=self.n_step,
-                                 skip_after=self.skip_after, skip_cooldown=self.skip_cooldown,
-                                 target_pairs=self.target_pairs, max_prompt_draw_factor=self.max_prompt_draw_factor)
+
+@dataclass
+class RolloutConfig:
+    tp: int = 1                               # vLLM tensor-parallel size per engine replica (divides world size)
+    max_model_len: int = 2048                 # longest prompt + completion (tokens) the engine accepts
+    max_num_seqs: int = 64                    # most sequences decoded at once per replica
+    kv_cache_memory_bytes: Optional[int] = None   # KV cache per rank; CPU default 1 GiB; GPU: None uses ...
+    gpu_memory_utilization: float = 0.5       # ... this fraction of the GPU (shared with the learner)
+    enable_sleep_mode: bool = True            # GPU: free weights + KV cache while the learner trains
+    sleep_level: int = 2                      # 2: drop weights on sleep (re-synced anyway); 1: keep a host copy
+    enforce_eager: Optional[bool] = None      # None: eager on CPU, CUDA graphs on GPU
+    seed: int = 0                             # engine RNG seed (replica r uses seed + r)
+    load_format: str = "auto"                 # "dummy": random init, real weights arrive with the first sync
+    logprobs_mode: str = "processed_logprobs" # log-probs after temperature/top-p: the sampling distribution
+    bucket_bytes: int = 256 << 20             # weight sync: most bytes of exported tensors in flight per rank
+    logprob_mismatch_warn: float = 0.02       # warn when mean |engine - learner| log-prob exceeds this
+    engine_kwargs: dict = field(default_factory=dict)   # passed to vllm.LLM as is (expert settings)
+
+    def validate(self) -> "RolloutConfig":
+        for key in ("tp", "max_model_len", "max_num_seqs", "bucket_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"rollout.{key}={getattr(self, key)}: must be >= 1")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ConfigError(f"rollout.kv_cache_memory_bytes={self.kv_cache_memory_bytes}: must be > 0 or null")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"rollout.gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1]")
+        if self.sleep_level not in (1, 2):
+            raise ConfigError(f"rollout.sleep_level={self.sleep_level}: must be 1 or 2")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"rollout.load_format={self.load_format!r}: must be one of {', '.join(LOAD_FORMATS)}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ConfigError(f"rollout.logprobs_mode={self.logprobs_mode!r}: must be one of "
+                              f"{', '.join(LOGPROBS_MODES)}")
+        if self.logprob_mismatch_warn < 0:
+            raise ConfigError(f"rollout.logprob_mismatch_warn={self.logprob_mismatch_warn}: must be >= 0")
+        return self
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0              # 0 = greedy
+    top_p: float = 1.0
+    max_tokens: int = 256                 # most tokens generated per completion
+    stop: Sequence[Union[str, int]] = ()  # stop strings and/or stop token ids (EOS always stops unless ignore_eos)
+    seed: Optional[int] = None            # None: the engine's own RNG stream; an int: reproducible per prompt/sample
+    n: int = 1                            # default samples per prompt when generate() gets no n
+    ignore_eos: bool = False              # keep generating past EOS (fixed-length benchmarks and tests)
+
+    def validate(self) -> "SamplingConfig":
+        if self.temperature < 0:
+            raise ConfigError(f"sampling.temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling.top_p={self.top_p}: must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise ConfigError(f"sampling.max_tokens={self.max_tokens}: must be >= 1")
+        if self.n < 0:
+            raise ConfigError(f"sampling.n={self.n}: must be >= 0")
+        for s in self.stop:
+            if isinstance(s, bool) or not isinstance(s, (str, int)) or s == "":
+                raise ConfigError(f"sampling.stop entry {s!r}: expected a non-empty string or a token id")
+        return self
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [s for s in self.stop if isinstance(s, str)]
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [s for s in self.stop if isinstance(s, int) and not isinstance(s, bool)]
 
 
 @dataclass

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from .config import ConfigError, ParallelConfig
+from .config import ParallelConfig
+from .errors import ConfigError
 from .platform import init_platform
 
 

@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, LearnerConfig, OptimConfig
+from .config import LearnerConfig, OptimConfig
+from .errors import ConfigError
 
 
 @dataclass
@@ -276,3 +277,21 @@ class Learner:
 
     def unwrapped_models(self) -> list:
         return [getattr(m, "module", m) if self.optimizer is not None else m for m in self.models]
+
+
+def build_learner(model, parallel, optim: OptimConfig, learner: LearnerConfig, *, pad_id: int = 0,
+                  temperature: float = 1.0, seed: int = 1234, reference: bool = False, hf_config=None):
+    """A Learner (and its bridge) from an HF directory and a layout: the recipe every caller uses.
+
+    `model`: config.ModelConfig (path, dtype, spec, trust_remote_code); `parallel`: config.ParallelConfig.
+    Starts the process groups (model.bridge.open_model), builds the trainable Learner and, with `reference`,
+    a frozen copy for the KL term; `hf_config` as in open_model. Returns (LaunchEnv, HFBridge, Learner, reference
+    Learner or None)."""
+    from .model.bridge import open_model
+
+    launch, bridge = open_model(model, parallel, seed=seed, hf_config=hf_config)
+    policy = Learner(bridge.build(), optim, learner, pad_id=pad_id, temperature=temperature)
+    ref = None
+    if reference:
+        ref = Learner(bridge.build(), optim, learner, pad_id=pad_id, temperature=temperature, trainable=False)
+    return launch, bridge, policy, ref

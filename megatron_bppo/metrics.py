@@ -9,11 +9,11 @@
         logger.log(step, {**train_metrics, **timer.metrics()})
     logger.close()
 
-Metric names the progress line and tools/plot_metrics.py look for (first alias found wins, see
-:data:`METRIC_ALIASES`): ``reward/mean``, ``accuracy`` (share of correct rollout samples), ``response_length/mean``
-(tokens), ``selected/sequences`` and ``selected/tokens`` (what the learner trained on), ``eval/accuracy``
-(held-out pass@1), ``eval/response_length/mean``, and ``time/<phase>`` for the phases rollout, sync, reward,
-logprob, update plus ``time/step`` (from :meth:`PhaseTimer.metrics`).
+Metric names the progress line and megatron_bppo/plotting.py look for (the keys megatron_bppo/trainer.py and
+megatron_bppo/evaluation.py write, see :data:`METRIC_ALIASES`): ``reward/mean``, ``accuracy`` (share of correct
+rollout samples), ``response_length/mean`` (tokens), ``selected/sequences`` and ``selected/tokens`` (what the
+learner trained on), ``eval/accuracy`` (held-out pass@1), ``eval/response_length/mean``, and ``time/<phase>`` for
+the phases rollout, sync, reward, logprob, update plus ``time/step`` (from :meth:`PhaseTimer.metrics`).
 
 ``<run_dir>/metrics.jsonl``: one JSON object per :meth:`MetricsLogger.log` call, ``{"step": n, "timestamp": unix
 seconds, <flattened metrics>}``; nested dicts become ``a/b`` keys, tensors/numpy scalars become numbers, NaN and
@@ -39,20 +39,21 @@ __all__ = ["METRIC_ALIASES", "PHASES", "MetricsLogger", "PhaseTimer", "find_metr
 log = logging.getLogger(__name__)
 
 PHASES = ("rollout", "sync", "reward", "logprob", "update")
-METRIC_ALIASES: dict[str, tuple[str, ...]] = {
-    "reward": ("reward/mean", "reward", "train/reward"),
-    "accuracy": ("accuracy", "train/accuracy", "reward/accuracy", "acc"),
-    "response_length": ("response_length/mean", "response_length", "train/response_length"),
-    "selected_sequences": ("selected/sequences", "selected_sequences"),
-    "selected_tokens": ("selected/tokens", "selected_tokens"),
-    "eval_accuracy": ("eval/accuracy", "eval/pass@1", "eval/acc"),
-    "eval_response_length": ("eval/response_length/mean", "eval/response_length"),
-    "step_time": ("time/step", "step_time"),
+METRIC_ALIASES: dict[str, tuple[str, ...]] = {       # name -> the record key(s) holding it (first found wins)
+    "reward": ("reward/mean",),
+    "accuracy": ("accuracy",),
+    "response_length": ("response_length/mean",),
+    "selected_sequences": ("selected/sequences",),
+    "selected_tokens": ("selected/tokens",),
+    "eval_accuracy": ("eval/accuracy",),
+    "eval_response_length": ("eval/response_length/mean",),
+    "step_time": ("time/step",),
 }
 
 
 def find_metric(record: dict, name: str) -> Optional[float]:
-    """The value of the first alias of ``name`` (a key of :data:`METRIC_ALIASES`) present in ``record``."""
+    """The value of ``name`` (a key of :data:`METRIC_ALIASES`; any other name is looked up as a record key) in
+    ``record``, or None when it is missing or not a finite number."""
     for key in METRIC_ALIASES.get(name, (name,)):
         v = record.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):

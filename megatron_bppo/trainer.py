@@ -1,9 +1,11 @@
 """The BPPO / GRPO actor-learner loop: `megatron-bppo train --config X.yaml [key=value ...]`.
 
-One step (`rl_step`), the same on a laptop CPU and on a multi-node GPU job:
-    prompts --(sync: learner weights -> engine)--> (rollout: adaptive rounds + rewards) --> groups
-    groups --(advantages over each full group, selection, prefix cut)--> update batch
-    update batch --(learner: old / reference log-probs, clipped PG loss, optimizer steps)--> new weights
+One step (`rl_step`), the same on a laptop CPU and on a multi-node GPU job, one call per arrow:
+    learner weights --(weight_sync.sync_weights)--> engine
+    prompts --(collect.collect_groups: adaptive rounds, rewards)--> groups
+    groups --(batch.build_update_batch: advantages over each full group, selection, prefix cut)--> update batch
+    update batch --(batch.attach_logprobs: old / reference log-probs, engine mismatch)--> scored batch
+    scored batch --(batch.split_batch, Learner.train_step with batch.policy_loss_fn)--> new weights
 Around it: evaluation on held-out prompts, atomic checkpoints with automatic resume, metrics (console, jsonl,
 TensorBoard, W&B), and SIGTERM / SIGUSR1 handling (save, then exit with EXIT_PREEMPTED).
 """
@@ -15,21 +17,30 @@ import math
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
 
-from .batch import build_update_batch, loss_normalizer, split_batch
+from .batch import ADVANTAGE, attach_logprobs, build_update_batch, policy_loss_fn, prefix_rule, split_batch
 from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-from .collect import collect_groups
-from .config import Config, ConfigError
+from .collect import collect_groups, sampling_schedule
+from .config import Config
+from .errors import ConfigError
 from .evaluation import evaluate
+from .metrics import MetricsLogger, PhaseTimer
+from .seeds import eval_seed, rollout_step_seed
+
+if TYPE_CHECKING:
+    from .algorithms import AdaptiveScheduler, PrefixRule
+    from .data import PromptSampler, RenderedPrompt
+    from .learner import Learner
+    from .model.bridge import HFBridge
+    from .rewards import RewardFn
+    from .rollout import RolloutEngine
 
 logger = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75            # sysexits EX_TEMPFAIL: stopped by a signal after saving; requeue to resume
-INSTRUCTIONS = {"direct": "DIRECT_INSTRUCTION", "cot": "COT_INSTRUCTION", "gsm8k": "GSM8K_INSTRUCTION",
-                "boxed": "BOXED_INSTRUCTION"}
 
 
 class StopRequest:
@@ -54,70 +65,36 @@ class StopRequest:
 class Run:
     cfg: Config
     rank: int
-    bridge: Any
-    learner: Any
-    ref: Any
-    engine: Any
-    train_prompts: list
-    eval_prompts: list
-    sampler: Any
-    scheduler: Any
-    prefix_rule: Any
-    reward_fn: Any
-    metrics: Any
+    bridge: HFBridge
+    learner: Learner
+    ref: Optional[Learner]                    # frozen KL reference (algorithm.kl_coef > 0)
+    engine: RolloutEngine
+    train_prompts: list[RenderedPrompt]
+    eval_prompts: list[RenderedPrompt]
+    sampler: PromptSampler                    # which prompts each step gets (resumable)
+    sampling_schedule: AdaptiveScheduler      # how many completions each prompt gets (not the LR schedule)
+    prefix_rule: PrefixRule
+    reward_fn: RewardFn
     stop: StopRequest
+    metrics: Optional[MetricsLogger] = None   # set once the resume step is known
     step: int = 0
     summary: dict = field(default_factory=dict)
 
+    def prompts(self, indices: list[int]) -> list[RenderedPrompt]:
+        return [self.train_prompts[i] for i in indices]
+
 
 # ------------------------------------------------------------------------------------------------ set-up
-def render_prompts(cfg: Config, tokenizer, examples) -> list:
-    from . import data
-
-    text = INSTRUCTIONS.get(cfg.data.instruction)
-    instruction = getattr(data, text) if text else (None if cfg.data.instruction == "none" else cfg.data.instruction)
-    fmt = data.ChatFormat(system_prompt=cfg.data.system_prompt,
-                          instruction_prefix=instruction if cfg.data.instruction_position == "prefix" else None,
-                          instruction_suffix=instruction if cfg.data.instruction_position == "suffix" else None,
-                          max_prompt_tokens=cfg.rollout.max_model_len - cfg.sampling.max_tokens,
-                          on_too_long=cfg.data.on_too_long)
-    try:
-        rendered = data.PromptRenderer(tokenizer, fmt).render_all(examples)
-    except data.PromptTooLongError as e:
-        raise ConfigError(f"{e}: raise rollout.max_model_len, lower sampling.max_tokens, or set "
-                          "data.on_too_long=skip") from None
-    except data.ChatTemplateError as e:
-        raise ConfigError(f"data: {e}") from None
-    if not rendered:
-        raise ConfigError("no prompt fits rollout.max_model_len - sampling.max_tokens")
-    return rendered
-
-
-def load_prompts(cfg: Config, tokenizer):
-    from .data import DatasetError, open_dataset
-
-    generated = cfg.data.train.startswith("arithmetic")
-    try:
-        train = open_dataset(cfg.data.train, split="train", seed=cfg.data.seed, size=cfg.data.train_size)
-        eval_source = cfg.data.eval or (cfg.data.train if generated else "")
-        if not eval_source:
-            raise ConfigError("data.eval is empty: give a held-out prompt file (only generated tasks have "
-                              "a built-in test split)")
-        held_out = open_dataset(eval_source, split="test", seed=cfg.data.seed + 1, size=cfg.data.eval_size)
-    except DatasetError as e:
-        raise ConfigError(f"data: {e}") from None
-    return render_prompts(cfg, tokenizer, train), render_prompts(cfg, tokenizer, held_out)[: cfg.data.eval_size]
-
-
-def setup(cfg: Config, stop: Optional[StopRequest] = None) -> Run:
-    """Everything is checked before any model is built: config, layout, model dir, data, reward."""
+def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[PhaseTimer] = None) -> Run:
+    """Everything a user can get wrong is checked before any model is built: config, model dir, reward, data,
+    then the layout (build_learner checks it against the model before starting the process groups).
+    `timer` gets the phases "setup/learner" and "setup/engine" (bench/system_costs.py records memory there)."""
     from transformers import AutoTokenizer
 
-    from .data import PromptSampler
-    from .distributed import init_distributed, print_rank0
-    from .learner import Learner
-    from .metrics import MetricsLogger
-    from .model.bridge import HFBridge, model_dims, read_hf_config
+    from .data import PromptSampler, prompts_from_config
+    from .distributed import print_rank0
+    from .learner import build_learner
+    from .model.bridge import read_hf_config
     from .rewards import get_reward, validate_reward_kwargs
     from .rollout import VLLMEngine
 
@@ -130,24 +107,24 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None) -> Run:
     except (KeyError, ValueError) as e:
         raise ConfigError(f"reward: {e}") from None
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    train_prompts, eval_prompts = load_prompts(cfg, tokenizer)
-    launch, _ = init_distributed(cfg.parallel, model_dims(hf_config), seed=cfg.learner.seed)
+    train_prompts, eval_prompts = prompts_from_config(cfg, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    timer = timer or PhaseTimer()
+    with timer("setup/learner"):
+        # Learner log-probs at the sampling temperature: the policy the engine sampled from (verl does the same)
+        launch, bridge, learner, ref = build_learner(cfg.model, cfg.parallel, cfg.optim, cfg.learner, pad_id=pad,
+                                                     temperature=cfg.sampling.temperature, seed=cfg.learner.seed,
+                                                     reference=bool(cfg.algorithm.kl_coef), hf_config=hf_config)
     print_rank0(f"[train] {cfg.algorithm.name} on {cfg.model.path}: {len(train_prompts)} train / "
                 f"{len(eval_prompts)} held-out prompts, world {launch.world_size} (TP{cfg.parallel.tp} "
-                f"PP{cfg.parallel.pp}), rollout TP{cfg.rollout.tp}")
-    bridge = HFBridge(cfg.model.path, cfg.model.dtype, cfg.model.spec, cfg.model.trust_remote_code)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # Learner log-probs at the sampling temperature: the policy the engine sampled from (verl does the same)
-    temperature = cfg.sampling.temperature
-    learner = Learner(bridge.build(), cfg.optim, cfg.learner, pad_id=pad, temperature=temperature)
-    ref = None
-    if cfg.algorithm.kl_coef:
-        ref = Learner(bridge.build(), cfg.optim, cfg.learner, pad_id=pad, temperature=temperature, trainable=False)
-    engine = VLLMEngine(cfg.model.path, cfg.rollout, dtype=cfg.model.dtype,
-                        trust_remote_code=cfg.model.trust_remote_code)
+                f"PP{cfg.parallel.pp}), rollout TP{cfg.rollout.tp}; learner built in "
+                f"{timer.times['setup/learner']:.1f}s")
+    with timer("setup/engine"):
+        engine = VLLMEngine(cfg.model.path, cfg.rollout, dtype=cfg.model.dtype,
+                            trust_remote_code=cfg.model.trust_remote_code, hf_config=hf_config)
     run = Run(cfg, launch.rank, bridge, learner, ref, engine, train_prompts, eval_prompts,
-              PromptSampler(len(train_prompts), seed=cfg.data.seed), cfg.algorithm.scheduler(),
-              cfg.algorithm.prefix_rule(), reward_fn, None, stop or StopRequest())
+              PromptSampler(len(train_prompts), seed=cfg.data.seed), sampling_schedule(cfg.algorithm),
+              prefix_rule(cfg.algorithm), reward_fn, stop or StopRequest())
     resumed = resume(run)
     run.metrics = MetricsLogger(cfg.run_dir, use_tensorboard=cfg.train.tensorboard,
                                 wandb={"project": cfg.train.wandb_project} if cfg.train.wandb_project else None,
@@ -170,54 +147,39 @@ def resume(run: Run) -> bool:
     extra = state["extra"]
     if "sampler" in extra:
         run.sampler.load_state_dict(extra["sampler"])
-        run.scheduler.load_state_dict(extra["scheduler"])
+        run.sampling_schedule.load_state_dict(extra["scheduler"])
         run.summary = extra.get("summary", {})
     if run.rank == 0:
         print(f"[train] resumed from {path} at step {run.step}", flush=True)
     return True
 
 
-def save(run: Run, step: int, sampler_state=None, scheduler_state=None) -> str:
+def save(run: Run, step: int, sampler_state=None, schedule_state=None) -> str:
+    """Checkpoint at `step`; the data position and sampling schedule default to the current ones (a stop
+    mid-step passes the snapshot taken before the step). "scheduler" in the saved state is the sampling schedule."""
     cfg = run.cfg
     extra = {"sampler": sampler_state or run.sampler.state_dict(),
-             "scheduler": scheduler_state or run.scheduler.state_dict(), "summary": run.summary}
+             "scheduler": schedule_state or run.sampling_schedule.state_dict(), "summary": run.summary}
     return save_checkpoint(cfg.checkpoint.dir, step, run.learner.models, run.learner.optimizer,
                            run.learner.scheduler, hf_source_dir=cfg.model.path, extra_state=extra,
                            keep_last=cfg.checkpoint.keep_last, layout={"tp": cfg.parallel.tp, "pp": cfg.parallel.pp})
 
 
 # ------------------------------------------------------------------------------------------------ one step
-def make_loss_fn(algo, normalizer: float):
-    from .algorithms import policy_loss
-
-    def loss_fn(logprobs, mb):
-        f = mb.fields
-        loss, m = policy_loss(
-            logprobs, f["old"], f["adv"], f["mask"], clip_low=algo.clip_low, clip_high=algo.clip_high,
-            aggregation=algo.aggregation, norm_constant=algo.norm_constant, normalizer=normalizer,
-            kl_coef=algo.kl_coef, ref_logprobs=f.get("ref"), kl_estimator=algo.kl_estimator,
-            rollout_logprobs=f["rollout"], rollout_is=algo.rollout_is, rollout_is_cap=algo.rollout_is_cap)
-        tokens = m["tokens"]
-        return loss, {"loss_tokens": tokens, "clip_frac_x_tokens": m["clip_frac"] * tokens,
-                      "approx_kl_x_tokens": m["approx_kl"] * tokens, "kl_x_tokens": m["kl"] * tokens}
-
-    return loss_fn
-
-
 def rl_step(run: Run, step: int, timer) -> Optional[dict]:
     """One step; returns its metrics, or None when a stop signal abandoned it before the update."""
-    from .rollout import check_mismatch, logprob_mismatch
+    from .rollout import check_mismatch
     from .weight_sync import sync_weights
 
     cfg, algo, learner = run.cfg, run.cfg.algorithm, run.learner
-    snapshot = run.sampler.state_dict(), run.scheduler.state_dict()
-    prompts = [run.train_prompts[i] for i in run.sampler.next_indices(cfg.data.prompts_per_step)]
+    snapshot = run.sampler.state_dict(), run.sampling_schedule.state_dict()
+    prompts = run.prompts(run.sampler.next_indices(cfg.data.prompts_per_step))
     with timer("sync"):
         sync = sync_weights(run.bridge, learner.unwrapped_models(), run.engine, cfg.rollout.bucket_bytes)
     with timer("rollout"):
-        draw = (lambda n: [run.train_prompts[i] for i in run.sampler.next_indices(n)]) if algo.target_pairs else None
-        rollout = collect_groups(run.engine, run.scheduler, prompts, cfg.sampling, run.reward_fn,
-                                 cfg.reward.kwargs, seed=(cfg.sampling.seed or 0) + 7919 * step, draw_more=draw)
+        draw = (lambda n: run.prompts(run.sampler.next_indices(n))) if algo.target_pairs else None
+        rollout = collect_groups(run.engine, run.sampling_schedule, prompts, cfg.sampling, run.reward_fn,
+                                 cfg.reward.kwargs, seed=rollout_step_seed(cfg.sampling.seed, step), draw_more=draw)
         run.engine.sleep()
     timer.times["reward"] = rollout.reward_seconds           # scored between rounds: not engine time
     timer.times["rollout"] -= rollout.reward_seconds
@@ -234,23 +196,12 @@ def rl_step(run: Run, step: int, timer) -> Optional[dict]:
         metrics["skipped/no_update_set"] = 1
         return metrics
     with timer("logprob"):
-        old = learner.compute_logprobs(batch.sequences)
-        ref = run.ref.compute_logprobs(batch.sequences) if run.ref is not None else None
-        for i, fields in enumerate(batch.fields):
-            fields["old"] = old[i].cpu()
-            if ref is not None:
-                fields["ref"] = ref[i].cpu()
-        mask = [f["mask"].bool() for f in batch.fields]
-        mismatch = logprob_mismatch([f["rollout"][m] for f, m in zip(batch.fields, mask)],
-                                    [o.cpu()[m] for o, m in zip(old, mask)])
+        mismatch = attach_logprobs(batch, learner, run.ref)
         check_mismatch(mismatch, cfg.rollout.logprob_mismatch_warn, step)
         metrics.update({f"mismatch/{k}": v for k, v in mismatch.items()})
     with timer("update"):
-        updates = []
-        for _ in range(algo.epochs):
-            for mini in split_batch(batch, algo.mini_batches):
-                updates.append(learner.train_step(mini.sequences, mini.fields,
-                                                  make_loss_fn(algo, loss_normalizer(mini, algo.aggregation))))
+        updates = [learner.train_step(mini.sequences, mini.fields, policy_loss_fn(algo, mini))
+                   for _ in range(algo.epochs) for mini in split_batch(batch, algo.mini_batches)]
     metrics.update(update_metrics(updates))
     return metrics
 
@@ -261,7 +212,7 @@ def dump_batch(run_dir: str, step: int, groups, batch):
     torch.save({"groups": [{"prompt_ids": g.prompt_ids, "completions": [list(c.token_ids) for c in g.completions],
                             "rewards": g.rewards, "correct": g.correct} for g in groups],
                 "sequences": [s.tolist() for s in batch.sequences], "keep": batch.keep_lengths,
-                "origin": batch.origin, "adv": [float(f["adv"][0]) for f in batch.fields]},
+                "origin": batch.origin, "adv": [float(f[ADVANTAGE][0]) for f in batch.fields]},
                os.path.join(run_dir, "batches", f"step_{step:05d}.pt"))
 
 
@@ -298,7 +249,7 @@ def run_eval(run: Run, step: int, label: str) -> dict:
     cfg = run.cfg
     sync_weights(run.bridge, run.learner.unwrapped_models(), run.engine, cfg.rollout.bucket_bytes)
     result = evaluate(run.engine, run.eval_prompts, cfg.sampling, run.reward_fn, cfg.reward.kwargs,
-                      cfg.eval.samples, seed=(cfg.sampling.seed or 0) + 104729)
+                      cfg.eval.samples, seed=eval_seed(cfg.sampling.seed))
     run.engine.sleep()
     run.metrics.log(step, result, console=False)
     run.metrics.print(f"[eval {label} @ step {step}] pass@1 {result['eval/accuracy']:.3f}  "
@@ -310,11 +261,9 @@ def run_eval(run: Run, step: int, label: str) -> dict:
 
 
 def train(cfg: Config) -> int:
-    from .metrics import PhaseTimer
-
     stop = StopRequest()          # first, so a signal during set-up is not fatal (honoured after set-up)
-    run = setup(cfg, stop)
     timer = PhaseTimer()
+    run = setup(cfg, stop, timer)
     if run.step == 0 and cfg.eval.at_start and "before" not in run.summary:
         run.summary["before"] = run_eval(run, 0, "before")
     while run.step < cfg.train.steps:
@@ -370,9 +319,7 @@ def finish(run: Run):
             json.dump(summary, f, indent=2)
         run.metrics.print(summary_table(summary))
         try:
-            import sys
-            sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-            from plot_metrics import plot_runs
+            from .plotting import plot_runs
             plot_runs([cfg.run_dir], [cfg.algorithm.name], os.path.join(cfg.run_dir, "plots"))
         except Exception as e:      # noqa: BLE001 -- plots are a convenience; the numbers are in summary.json
             logger.warning("plotting failed: %s", e)

@@ -10,8 +10,8 @@ Transport: in-process, by reference, on every rank (each rank holds one engine s
 rollout/vllm_engine.py): the tensors the export yields are handed to vLLM's weight loaders as a Python
 generator, which copy them into the engine's parameters. Nothing is serialized; no file, socket or
 shared-memory segment is used, and no switch that lets the engine unpickle objects is needed. The export is
-collective (every rank runs the same all-gathers and broadcasts); a rank without an engine passes
-engine=None and only drives the collectives.
+collective (every rank runs the same all-gathers and broadcasts), so every rank calls sync_weights with its
+own engine shard at the same point.
 
 Memory: at most one bucket of exported tensors is alive per rank (plus the one tensor that overflows it, and
 the parts of one fused vLLM layer that vLLM buffers until the layer is complete); each tensor is released once
@@ -21,7 +21,7 @@ transport (CUDA IPC / NCCL broadcast to engines on other processes) would ship, 
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 import torch
 
@@ -79,7 +79,7 @@ class _Meter:
                 yield bucket.pop()
 
 
-def sync_weights(bridge, models, engine: Optional[RolloutEngine], bucket_bytes: int = DEFAULT_BUCKET_BYTES
+def sync_weights(bridge, models, engine: RolloutEngine, bucket_bytes: int = DEFAULT_BUCKET_BYTES
                  ) -> WeightUpdateStats:
     """Push the learner's current weights into this rank's engine shard. Call on every rank.
 
@@ -90,17 +90,11 @@ def sync_weights(bridge, models, engine: Optional[RolloutEngine], bucket_bytes: 
     """
     started = time.perf_counter()
     meter = _Meter(bridge.export_hf_weights(models), bucket_bytes)
-    if engine is None:
-        stats = WeightUpdateStats()
-        for _, tensor in meter.stream():
-            stats.tensors += 1
-            stats.bytes += tensor_bytes(tensor)
-    else:
-        if engine.is_sleeping:
-            engine.wake_up(["weights"])
-        stats = engine.update_weights(meter.stream())
-        if engine.is_sleeping:
-            engine.wake_up()
+    if engine.is_sleeping:
+        engine.wake_up(["weights"])
+    stats = engine.update_weights(meter.stream())
+    if engine.is_sleeping:
+        engine.wake_up()
     stats.seconds = time.perf_counter() - started
     stats.buckets, stats.max_bucket_bytes = meter.buckets, meter.max_bucket
     stats.extra["export_seconds"] = meter.export_seconds

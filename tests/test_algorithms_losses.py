@@ -1,5 +1,5 @@
 """Policy losses: clipping at the boundaries (autograd), aggregation modes and external normalizers, KL,
-entropy, rollout IS, errors; and end-to-end: advantages + selection + prefix + loss against hand-written
+rollout IS, errors; and end-to-end: advantages + selection + prefix + loss against hand-written
 GRPO and BPPO references on a tiny torch LM (loss and gradient)."""
 import copy
 import math
@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_bppo.algorithms import (PrefixRule, aggregate, correctness, cut_to_prefix, get_selector,
-                                      group_advantages, kl_penalty, policy_loss)
+from megatron_bppo.algorithms import (PrefixRule, aggregate, correctness, get_selector, group_advantages,
+                                      kl_penalty, policy_loss)
 
 SETTINGS = settings(max_examples=40, deadline=None)
 D = torch.float64
@@ -130,14 +130,8 @@ def test_kl_estimators_and_penalty():
     assert m["kl"].item() == pytest.approx(kl_penalty(lp, ref).mean().item())
 
 
-def test_entropy_bonus_and_rollout_is():
-    lp = torch.zeros(1, 2, dtype=D, requires_grad=True)
-    ent = torch.tensor([[1.0, 3.0]], dtype=D, requires_grad=True)
+def test_rollout_is():
     mask = torch.ones(1, 2, dtype=torch.bool)
-    loss, m = policy_loss(lp, lp.detach(), torch.zeros(1, dtype=D), mask, entropy_coef=0.1, entropy=ent)
-    loss.backward()
-    assert loss.item() == pytest.approx(-0.2) and torch.allclose(ent.grad, torch.full_like(ent, -0.05))
-    assert m["entropy"].item() == pytest.approx(2.0)
     roll = torch.tensor([[0.0, -3.0]], dtype=D)  # weights exp(0)=1 and exp(3) -> capped at 2
     adv = torch.ones(1, dtype=D)
     x = torch.zeros(1, 2, dtype=D, requires_grad=True)
@@ -162,7 +156,7 @@ def test_metrics_and_errors():
     for kw, msg in [(dict(old_logprobs=torch.zeros(2, 4)), "old_logprobs"),
                     (dict(advantages=torch.zeros(3)), "advantages"),
                     (dict(aggregation="mean"), "token-mean"), (dict(kl_coef=0.1), "ref_logprobs"),
-                    (dict(entropy_coef=0.1), "entropy"), (dict(rollout_is="truncated"), "rollout_logprobs"),
+                    (dict(rollout_is="truncated"), "rollout_logprobs"),
                     (dict(rollout_is="full"), "truncated"), (dict(clip_low=1.0), "clip_low"),
                     (dict(kl_estimator="k5", ref_logprobs=z), "k3"), (dict(mask=torch.ones(3, 2)), "mask")]:
         args = dict(logprobs=z, old_logprobs=z, advantages=torch.zeros(2), mask=ok)
@@ -230,8 +224,10 @@ def _pipeline_loss(model, old, seqs, rewards, selector, rule):
     adv = group_advantages(rewards)
     sel = get_selector(selector)(correctness(rewards), L, adv, None)
     flat = sel.mask.flatten().nonzero().flatten().tolist()
-    keep = rule.lengths(L.flatten()[flat])
-    cut = cut_to_prefix([seqs[i] for i in flat], [PROMPT] * len(flat), keep)
+    resp = L.flatten()[flat]
+    keep = rule.lengths(resp)
+    assert torch.all(torch.where(resp > 0, (keep >= 1) & (keep <= resp), keep == 0))  # 1 <= k <= L; 0 if L = 0
+    cut = [seqs[i][: PROMPT + k] for i, k in zip(flat, keep.tolist())]  # prompt + first k response tokens
     T = max(len(s) for s in cut) - 1
     inp = torch.zeros(len(cut), T, dtype=torch.long)
     tgt = torch.zeros(len(cut), T, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Prefix rule: bounds, modes, schedules, validation, and cutting the suffix off the token lists."""
+"""Prefix rule: bounds, modes, schedules, validation, and the prefix k fitting the token lists it cuts."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_bppo.algorithms import PrefixRule, check_prefix_invariant, cut_to_prefix, prefix_lengths
+from megatron_bppo.algorithms import PrefixRule
 
 SETTINGS = settings(max_examples=80, deadline=None)
 
@@ -34,7 +34,7 @@ def test_bounds(rule, lengths, step):
     L = torch.tensor(lengths, dtype=torch.long)
     k = rule.lengths(L, step)
     assert k.dtype == torch.long and k.shape == L.shape
-    check_prefix_invariant(L, k)
+    assert torch.all(torch.where(L > 0, (k >= 1) & (k <= L), k == 0))  # 1 <= k <= L; k = 0 for L = 0
     assert torch.all(k[L == 0] == 0)
     assert torch.all((k >= 1)[L > 0]) and torch.all(k <= L)
     if rule.mode == "full":
@@ -50,20 +50,22 @@ def test_bounds(rule, lengths, step):
 
 def test_ratio_formula_and_float_slack():
     L = torch.tensor([10, 20, 3, 7, 1])
-    assert prefix_lengths(L, ratio=0.3, min_tokens=1).tolist() == [3, 6, 1, 3, 1]
-    assert prefix_lengths(L, ratio=0.5, min_tokens=1).tolist() == [5, 10, 2, 4, 1]
-    assert prefix_lengths(L, ratio=1.0, min_tokens=1).tolist() == L.tolist()
-    for n in range(1, 300):
-        for r in (0.1, 0.2, 0.3, 0.7, 0.9):
-            assert prefix_lengths(torch.tensor([n]), ratio=r, min_tokens=1).item() == max(1, math.ceil(round(r * n, 9)))
+    assert PrefixRule(mode="ratio", ratio=0.3, min_tokens=1).lengths(L).tolist() == [3, 6, 1, 3, 1]
+    assert PrefixRule(mode="ratio", ratio=0.5, min_tokens=1).lengths(L).tolist() == [5, 10, 2, 4, 1]
+    assert PrefixRule(mode="ratio", ratio=1.0, min_tokens=1).lengths(L).tolist() == L.tolist()
+    for r in (0.1, 0.2, 0.3, 0.7, 0.9):
+        rule = PrefixRule(mode="ratio", ratio=r, min_tokens=1)
+        for n in range(1, 300):
+            assert rule.lengths(torch.tensor([n])).item() == max(1, math.ceil(round(r * n, 9)))
 
 
 def test_floor_ceiling_and_modes():
     L = torch.tensor([0, 5, 40, 100, 1000])
-    assert prefix_lengths(L, ratio=0.5, min_tokens=32).tolist() == [0, 5, 32, 50, 500]
-    assert prefix_lengths(L, ratio=0.5, min_tokens=32, max_tokens=256).tolist() == [0, 5, 32, 50, 256]
-    assert prefix_lengths(L, mode="fixed", tokens=64).tolist() == [0, 5, 40, 64, 64]
-    assert prefix_lengths(L, mode="full", max_tokens=50).tolist() == L.tolist()  # bounds ignored in full
+    assert PrefixRule(mode="ratio", ratio=0.5, min_tokens=32).lengths(L).tolist() == [0, 5, 32, 50, 500]
+    capped = PrefixRule(mode="ratio", ratio=0.5, min_tokens=32, max_tokens=256)
+    assert capped.lengths(L).tolist() == [0, 5, 32, 50, 256]
+    assert PrefixRule(mode="fixed", tokens=64).lengths(L).tolist() == [0, 5, 40, 64, 64]
+    assert PrefixRule(mode="full", max_tokens=50).lengths(L).tolist() == L.tolist()  # bounds ignored in full
     assert PrefixRule().lengths(L).tolist() == [0, 5, 32, 50, 500]  # defaults: ratio 0.5, floor 32
 
 
@@ -73,7 +75,7 @@ def test_schedule():
     assert [rule.lengths(L, s).item() for s in (0, 10, 15, 20, 99)] == [100, 100, 75, 50, 50]
     jump = PrefixRule(mode="fixed", min_tokens=1, schedule=((0, 10), (5, 10), (5, 20)))
     assert [jump.lengths(L, s).item() for s in (0, 4, 5, 6)] == [10, 10, 20, 20]
-    assert prefix_lengths(L, min_tokens=1, step=15, schedule=[(10, 1.0), (20, 0.5)]).item() == 75
+    assert PrefixRule(min_tokens=1, schedule=[(10, 1.0), (20, 0.5)]).lengths(L, 15).item() == 75  # a list works
     with pytest.raises(ValueError, match="step"):
         rule.lengths(L)
 
@@ -92,27 +94,10 @@ def test_validation(kw, field):
 
 def test_bad_lengths():
     with pytest.raises(ValueError, match="integer"):
-        prefix_lengths(torch.tensor([1.0, 2.0]))
+        PrefixRule().lengths(torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match=">= 0"):
-        prefix_lengths(torch.tensor([-1]))
-    with pytest.raises(ValueError, match="index 1"):
-        check_prefix_invariant(torch.tensor([3, 3]), torch.tensor([1, 4]))
-    assert prefix_lengths(torch.zeros(0, dtype=torch.long)).shape == (0,)
-
-
-def test_cut_to_prefix():
-    seqs = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [1, 2]]
-    out = cut_to_prefix(seqs, [2, 1, 2], [3, 0, 0])
-    assert out == [[1, 2, 3, 4, 5], [7], [1, 2]]
-    t = cut_to_prefix([torch.arange(10)], torch.tensor([4]), torch.tensor([2]))
-    assert torch.equal(t[0], torch.arange(6))
-    assert cut_to_prefix([], [], []) == []
-    with pytest.raises(ValueError, match="keep_length"):
-        cut_to_prefix(seqs, [2, 1, 2], [5, 0, 0])
-    with pytest.raises(ValueError, match="prompt_length"):
-        cut_to_prefix(seqs, [7, 1, 2], [0, 0, 0])
-    with pytest.raises(ValueError, match="must match"):
-        cut_to_prefix(seqs, [2, 1], [0, 0, 0])
+        PrefixRule().lengths(torch.tensor([-1]))
+    assert PrefixRule().lengths(torch.zeros(0, dtype=torch.long)).shape == (0,)
 
 
 @SETTINGS
@@ -120,7 +105,9 @@ def test_cut_to_prefix():
 def test_cut_with_rule(rule, shapes):
     seqs = [list(range(p + n)) for p, n in shapes]
     P = [p for p, _ in shapes]
-    k = rule.lengths(torch.tensor([n for _, n in shapes], dtype=torch.long), 3)
-    out = cut_to_prefix(seqs, P, k)
-    for o, s, p, kk in zip(out, seqs, P, k.tolist()):
-        assert o == s[: p + kk] and len(o) - p == kk
+    L = [n for _, n in shapes]
+    k = rule.lengths(torch.tensor(L, dtype=torch.long), 3)
+    for s, p, n, kk in zip(seqs, P, L, k.tolist()):
+        assert (1 <= kk <= n) if n > 0 else kk == 0   # the cut never reaches past the response
+        o = s[: p + kk]                               # what batch.build_update_batch trains on
+        assert o[:p] == s[:p] and o[p:] == s[p: p + kk] and len(o) - p == kk

@@ -8,7 +8,7 @@ import pytest
 
 from megatron_bppo.data import (DIRECT_INSTRUCTION, ArithmeticLevel, ChatFormat, ChatTemplateError, DatasetError,
                                 PromptDataset, PromptExample, PromptRenderer, PromptSampler, PromptTooLongError,
-                                build_messages, generate_arithmetic, get_preset, load_prompts, open_dataset,
+                                build_messages, generate_arithmetic, get_preset, read_prompt_file, open_dataset,
                                 problem_split, write_prompts_jsonl, write_verl_parquet)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def tokenizer():
 
 
 def test_gsm8k_jsonl_malformed_rows_counted():
-    ds = load_prompts(os.path.join(FIX, "gsm8k", "train.jsonl"))
+    ds = read_prompt_file(os.path.join(FIX, "gsm8k", "train.jsonl"))
     rep = ds.report
     assert (rep.schema, rep.rows, rep.loaded, rep.skipped) == ("gsm8k", 5, 3, 2)
     assert rep.reasons == {"no '#### <answer>' in 'answer'": 1, "invalid JSON": 1}
@@ -54,17 +54,17 @@ def test_gsm8k_jsonl_malformed_rows_counted():
 
 
 def test_math_directory_tree_and_jsonl():
-    train = load_prompts(os.path.join(FIX, "math", "MATH", "train"))
+    train = read_prompt_file(os.path.join(FIX, "math", "MATH", "train"))
     assert (train.report.schema, train.report.rows, train.report.loaded) == ("math", 3, 2)
     assert train.report.reasons == {"no \\boxed{...} answer in 'solution'": 1}
     by_id = {e.id: e for e in train}
     assert by_id["algebra/1"].reference == "4"
     assert by_id["algebra/2"].reference == "\\frac{1}{2}"
     assert by_id["algebra/2"].meta["level"] == "Level 2" and by_id["algebra/2"].meta["type"] == "Algebra"
-    test = load_prompts(os.path.join(FIX, "math", "MATH", "test"))
+    test = read_prompt_file(os.path.join(FIX, "math", "MATH", "test"))
     assert {e.id: e.reference for e in test} == {"algebra/5": "x^{2}+2x+1", "geometry/4": "2"}  # last \boxed
     assert test.report.reasons == {"invalid JSON": 1}
-    m500 = load_prompts(os.path.join(FIX, "math", "math500.jsonl"))
+    m500 = read_prompt_file(os.path.join(FIX, "math", "math500.jsonl"))
     assert [(e.id, e.reference) for e in m500] == [("test/algebra/100.json", "25"),
                                                    ("test/prealgebra/7.json", "\\frac{1}{2}")]
     assert m500.report.reasons == {"empty 'problem'": 1}
@@ -85,7 +85,7 @@ def test_verl_parquet_schema(tmp_path):
     ]
     path = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
-    ds = load_prompts(path)
+    ds = read_prompt_file(path)
     assert (ds.report.schema, ds.report.loaded, ds.report.skipped) == ("verl", 2, 1)
     assert ds.report.reasons == {"missing 'reward_model.ground_truth'": 1}
     assert [(e.id, e.reference, e.data_source) for e in ds] == [("train-0", "4", "openai/gsm8k"),
@@ -94,12 +94,12 @@ def test_verl_parquet_schema(tmp_path):
 
 
 def test_roundtrip_project_jsonl_and_verl_parquet(tmp_path):
-    src = load_prompts(os.path.join(FIX, "gsm8k", "test.jsonl"))
-    back = load_prompts(write_prompts_jsonl(src, tmp_path / "p.jsonl"))
+    src = read_prompt_file(os.path.join(FIX, "gsm8k", "test.jsonl"))
+    back = read_prompt_file(write_prompts_jsonl(src, tmp_path / "p.jsonl"))
     assert back.report.schema == "prompts"
     assert [(e.id, e.prompt, e.reference, e.meta) for e in back] == [(e.id, e.prompt, e.reference, e.meta)
                                                                      for e in src]
-    pq_back = load_prompts(write_verl_parquet(src, tmp_path / "p.parquet", instruction="Think."))
+    pq_back = read_prompt_file(write_verl_parquet(src, tmp_path / "p.parquet", instruction="Think."))
     assert [e.reference for e in pq_back] == ["36", "65"]
     assert pq_back[0].messages == [{"role": "user", "content": src[0].prompt + " Think."}]
     assert pq_back[0].id == src[0].id
@@ -107,28 +107,28 @@ def test_roundtrip_project_jsonl_and_verl_parquet(tmp_path):
 
 def test_dataset_errors_are_clear(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
-        load_prompts(tmp_path / "missing.jsonl")
+        read_prompt_file(tmp_path / "missing.jsonl")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     with pytest.raises(DatasetError, match="is empty"):
-        load_prompts(empty)
+        read_prompt_file(empty)
     wrong = _write_jsonl(tmp_path / "wrong.jsonl", [{"foo": 1, "bar": "x"}] * 3)
     with pytest.raises(DatasetError, match=r"columns \[bar, foo\]\. Expected one of.*gsm8k: question, answer"):
-        load_prompts(wrong)
+        read_prompt_file(wrong)
     gsm = os.path.join(FIX, "gsm8k", "test.jsonl")
     with pytest.raises(DatasetError, match=r"no usable rows for the math schema \(expected columns: problem, sol"):
-        load_prompts(gsm, schema="math")
+        read_prompt_file(gsm, schema="math")
     with pytest.raises(DatasetError, match="unknown dataset schema 'gsm'"):
-        load_prompts(gsm, schema="gsm")
+        read_prompt_file(gsm, schema="gsm")
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "#### 1"}, "{oops", "{oops", "[1]"])
     with pytest.raises(DatasetError, match=r"3 of 4 rows are malformed \(more than 50%\)"):
-        load_prompts(bad)
-    assert load_prompts(bad, max_malformed_fraction=1.0).report.reasons == {"invalid JSON": 2,
+        read_prompt_file(bad)
+    assert read_prompt_file(bad, max_malformed_fraction=1.0).report.reasons == {"invalid JSON": 2,
                                                                             "not a JSON object": 1}
     with pytest.raises(DatasetError, match="unknown file type"):
-        load_prompts(empty.rename(tmp_path / "data.csv"))
+        read_prompt_file(empty.rename(tmp_path / "data.csv"))
     ok = _write_jsonl(tmp_path / "ok.jsonl", [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(10)])
-    assert [e.reference for e in load_prompts(ok, limit=4)] == ["0", "1", "2", "3"]
+    assert [e.reference for e in read_prompt_file(ok, limit=4)] == ["0", "1", "2", "3"]
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -282,8 +282,8 @@ def test_prepare_gsm8k(tmp_path, capsys):
     assert [(r["id"], r["answer"], r["data_source"], r["meta"]["split"]) for r in rows] == [
         ("gsm8k-train-0", "27", "gsm8k", "train"), ("gsm8k-train-1", "1350", "gsm8k", "train"),
         ("gsm8k-train-2", "12.5", "gsm8k", "train")]
-    assert load_prompts(tmp_path / "test.jsonl").report.loaded == 2
-    verl = load_prompts(tmp_path / "train.parquet")
+    assert read_prompt_file(tmp_path / "test.jsonl").report.loaded == 2
+    verl = read_prompt_file(tmp_path / "train.parquet")
     assert verl.report.schema == "verl" and [e.id for e in verl] == ["gsm8k-train-0", "gsm8k-train-1",
                                                                       "gsm8k-train-2"]
     assert verl[0].messages[0]["content"].endswith('output the final answer after "####".')
@@ -302,7 +302,7 @@ def test_prepare_math(tmp_path, capsys):
         ("math-test-algebra/5", "x^{2}+2x+1", "Level 5"), ("math-test-geometry/4", "2", "Level 3")]
     assert {r["id"] for r in map(json.loads, open(tmp_path / "train.jsonl"))} == {"math-train-algebra/1",
                                                                                   "math-train-algebra/2"}
-    assert [e.reference for e in load_prompts(tmp_path / "math500.parquet")] == ["25", "\\frac{1}{2}"]
+    assert [e.reference for e in read_prompt_file(tmp_path / "math500.parquet")] == ["25", "\\frac{1}{2}"]
     assert mod.main([os.path.join(FIX, "math", "MATH"), "--out-dir", str(tmp_path / "l5"), "--levels", "5"]) == 0
     assert [json.loads(x)["id"] for x in open(tmp_path / "l5" / "test.jsonl")] == ["math-test-algebra/5"]
     assert not (tmp_path / "l5" / "train.jsonl").exists()      # nothing of level 5 in train: no file

@@ -1,5 +1,6 @@
-"""tools/grad_similarity.py on the tiny model: per-completion gradients through the Megatron learner equal HF
-autograd, and the cosine matrices agree across TP1, TP2 and PP2."""
+"""bench/grad_similarity.py on the tiny model: completions sampled by the vLLM rollout engine (seeded per prompt)
+are the same at TP1, TP2 and PP2, per-completion gradients through the Megatron learner equal HF autograd, and
+the cosine matrices agree across the three layouts."""
 import json
 import os
 
@@ -8,8 +9,9 @@ import torch
 
 from conftest import run_procs
 
-TOOL = "tools/grad_similarity.py"
-ARGS = ["--prompts", "2", "--group-size", "4", "--max-new-tokens", "10", "--reward", "random:3"]
+TOOL = "bench/grad_similarity.py"
+ARGS = ["--prompts", "2", "--group-size", "4", "--max-new-tokens", "10", "--max-len", "128", "--kv-mb", "16",
+        "--reward", "random:3"]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,8 @@ def test_outputs_and_matrix_properties(results):
     assert os.path.getsize(result["dir"] / "gradsim.png") > 1000
     assert "cross_class" in (result["dir"] / "summary.md").read_text()
     for group in result["groups"]:
+        assert group["question"].startswith("What is ") and group["answer"].isdigit()     # arithmetic:l0
+        assert len(group["responses"]) == len(group["texts"]) == 4 and all(group["responses"])
         cos = torch.tensor(group["cosine"])
         assert cos.shape == (4, 4)
         assert torch.allclose(cos.diagonal(), torch.ones(4), atol=1e-9)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megatron_bppo.metrics import MetricsLogger, PhaseTimer, flatten_metrics, read_metrics
+from megatron_bppo.plotting import cumulative_minutes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,7 +150,7 @@ def test_plot_metrics_pngs(tmp_path, capsys):
     tool = _plot_tool()
     grpo = _fake_run(tmp_path / "grpo", 6, 0.4, 60, 120.0)
     bppo = _fake_run(tmp_path / "bppo", 6, 0.45, 50, 60.0)
-    x, y = tool.cumulative_minutes(read_metrics(bppo))
+    x, y = cumulative_minutes(read_metrics(bppo))
     assert x == [0, 1, 2, 3, 4, 5] and y == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     paths = tool.plot_runs([grpo, bppo / "metrics.jsonl"], ["GRPO", "BPPO"], tmp_path / "plots")
     names = sorted(p.name for p in paths)
@@ -175,11 +176,10 @@ def test_plot_metrics_skips_missing_metric(tmp_path, capsys):
 
 
 def test_cumulative_time_puts_initial_eval_at_zero(tmp_path):
-    tool = _plot_tool()
     ml = MetricsLogger(tmp_path / "r", use_tensorboard=False, console=False)
     ml.log(0, {"eval/accuracy": 0.3})                      # before training: no time/step
     ml.log(1, {"accuracy": 0.4, "time/step": 30.0})
     ml.log(2, {"accuracy": 0.5, "time/step": 90.0})
     ml.log(2, {"eval/accuracy": 0.6})
     ml.close()
-    assert tool.cumulative_minutes(read_metrics(tmp_path / "r")) == ([0.0, 1.0, 2.0], [0.0, 0.5, 2.0])
+    assert cumulative_minutes(read_metrics(tmp_path / "r")) == ([0.0, 1.0, 2.0], [0.0, 0.5, 2.0])

@@ -5,7 +5,7 @@ import pytest
 
 from megatron_bppo.rewards import (RewardResult, UnknownRewardError, answers_match, extract_answer, extract_boxed,
                                    extract_hash, extract_last_number, get_reward, list_rewards, normalize_number,
-                                   reference_answer, register_reward, reward_for_source, score_batch,
+                                   reference_answer, register_reward, score_batch,
                                    validate_reward_kwargs)
 from megatron_bppo.rewards import registry as registry_mod
 
@@ -208,10 +208,3 @@ def test_score_batch():
         score_batch(flaky, ["boom"], ["1"], on_error="raise")
     out = score_batch(lambda t, r: float("nan"), ["x"], ["1"])
     assert "non-finite" in out[0].details["error"]
-
-
-def test_reward_for_source():
-    assert reward_for_source("openai/gsm8k") == "gsm8k"
-    assert reward_for_source("arithmetic/l0") == "gsm8k"
-    assert reward_for_source("lighteval/MATH") == "math"
-    assert reward_for_source("something") == "math"

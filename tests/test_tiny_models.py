@@ -13,8 +13,8 @@ pytest.importorskip("tokenizers")
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from megatron_bppo.model.cache import MARKER_NAME  # noqa: E402
 from megatron_bppo.testing.tiny_models import (  # noqa: E402
-    MARKER_NAME,
     make_tiny_checkpoint,
     tiny_checkpoint_cache,
     train_tiny_tokenizer,

@@ -16,7 +16,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_bppo.config import ConfigError, ParallelConfig  # noqa: E402
+from megatron_bppo.config import ModelConfig, ParallelConfig  # noqa: E402
+from megatron_bppo.errors import ConfigError  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,8 +49,8 @@ def _layout(args) -> ParallelConfig:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from megatron_bppo.checkpointing import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
-    from megatron_bppo.distributed import destroy_distributed, init_distributed, print_rank0
-    from megatron_bppo.model.bridge import HFBridge, model_dims, read_hf_config
+    from megatron_bppo.distributed import destroy_distributed, print_rank0
+    from megatron_bppo.model.bridge import open_model, read_hf_config
 
     start = time.time()
     parallel = _layout(args)
@@ -61,11 +62,10 @@ def main(argv=None) -> int:
         read_meta(ckpt)                                   # clear error when it is not a checkpoint
         source = os.path.join(ckpt, "hf")
         hf_config = read_hf_config(source, args.trust_remote_code, require_weights=False)
-    init_distributed(parallel, model_dims(hf_config))
+    model = ModelConfig(path=source, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    _, bridge = open_model(model, parallel, require_weights=args.direction == "hf-to-mcore", hf_config=hf_config)
     print_rank0(f"[convert] {args.direction}: {hf_config.model_type}, {hf_config.num_hidden_layers} layers, "
                 f"TP={parallel.tp} PP={parallel.pp}")
-    bridge = HFBridge(source, args.dtype, "auto", args.trust_remote_code,
-                      require_weights=args.direction == "hf-to-mcore")
     models = bridge.build(load_weights=args.direction == "hf-to-mcore")
     print_rank0(f"[convert] model built in {time.time() - start:.1f}s")
     if args.direction == "hf-to-mcore":

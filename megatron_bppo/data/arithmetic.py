@@ -13,8 +13,8 @@ Splits: a problem belongs to ``test`` when a hash of its canonical expression (`
 surface form, level and seed) falls below ``heldout_fraction``; otherwise to ``train``. So train and test are
 disjoint across levels and seeds; a level with few distinct problems (l0 has 81) has a small test split.
 
-Presets and what SmolLM2-135M-Instruct (the Q4_1-derived fp32 checkpoint) scored on them in
-notes/smol_calibration.md (32 prompts x 8 samples, T=0.7, max_tokens 256; "mixed" = share of groups with both
+Presets and what SmolLM2-135M-Instruct (the Q4_1-derived fp32 checkpoint) scored on them in a calibration run
+on 2026-11-26 (32 prompts x 8 samples, T=0.7, max_tokens 256; "mixed" = share of groups with both
 correct and wrong samples). ``direct`` / ``cot`` are :data:`~megatron_bppo.data.chat.DIRECT_INSTRUCTION` /
 :data:`~megatron_bppo.data.chat.COT_INSTRUCTION` placed before the question:
 

@@ -5,8 +5,7 @@
     prompts = renderer.render_all(dataset)          # at start-up: every too-long prompt is found before any work
 
 Messages: ``[system?] + user(instruction_prefix + sep + question + sep + instruction_suffix)``. ``system_prompt``
-None leaves the system turn to the template (SmolLM2's template then adds its default system prompt, as in the
-calibration runs of notes/smol_calibration.md). For an example that already has messages (verl parquet), the
+None leaves the system turn to the template (SmolLM2's template then adds its default system prompt). For an example that already has messages (verl parquet), the
 system prompt is added only if the chat has none, and prefix/suffix go around the last user message's content.
 
 Text: ``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``; token ids:
@@ -32,6 +31,7 @@ __all__ = [
     "ChatTemplateError",
     "DIRECT_INSTRUCTION",
     "GSM8K_INSTRUCTION",
+    "INSTRUCTIONS",
     "PromptRenderer",
     "PromptTooLongError",
     "RenderedPrompt",
@@ -40,12 +40,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The two prompts of notes/smol_calibration.md (placed before the question there).
+# Instructions by name (config data.instruction); DIRECT / COT were calibrated on SmolLM2-135M-Instruct.
 DIRECT_INSTRUCTION = "Solve the problem. Put the final answer after '####'."
 COT_INSTRUCTION = "Think step by step, then give the final answer after ####."
 # verl's GSM8K suffix and the usual Qwen2.5-Math suffix.
 GSM8K_INSTRUCTION = "Let's think step by step and output the final answer after \"####\"."
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+INSTRUCTIONS = {"direct": DIRECT_INSTRUCTION, "cot": COT_INSTRUCTION, "gsm8k": GSM8K_INSTRUCTION,
+                "boxed": BOXED_INSTRUCTION}
 
 
 class PromptTooLongError(DatasetError):

@@ -42,8 +42,7 @@ __all__ = [
     "PromptExample",
     "PromptSampler",
     "SCHEMAS",
-    "load_prompts",
-    "open_dataset",
+    "read_prompt_file",
     "read_rows",
     "write_prompts_jsonl",
     "write_verl_parquet",
@@ -309,7 +308,7 @@ def _convert(row: dict, schema: str, default_id: str, data_source: Optional[str]
     return PromptExample(rid, ref.strip(), prompt=_text(row, key), data_source=ds, meta=meta)
 
 
-def load_prompts(path: str | os.PathLike, *, schema: str = "auto", limit: Optional[int] = None,
+def read_prompt_file(path: str | os.PathLike, *, schema: str = "auto", limit: Optional[int] = None,
                  data_source: Optional[str] = None, max_malformed_fraction: float = 0.5,
                  id_prefix: Optional[str] = None) -> PromptDataset:
     """Load and check a prompt dataset (see the module docstring for formats and errors).
@@ -381,20 +380,6 @@ def load_prompts(path: str | os.PathLike, *, schema: str = "auto", limit: Option
     if report.skipped:
         logger.warning("%s", report.summary())
     return PromptDataset(examples, report)
-
-
-def open_dataset(source: str | os.PathLike, *, split: str = "train", seed: int = 0, size: Optional[int] = None,
-                 schema: str = "auto", heldout_fraction: float = 0.2) -> PromptDataset:
-    """One entry point for a config value: ``"arithmetic:<preset>"`` (e.g. ``arithmetic:l0_l5_mix``; ``size``
-    problems, default 1024, of ``split`` "train"/"test", seeded) or a dataset path (``size`` = row limit;
-    ``split``/``seed`` unused: a file is its own split)."""
-    src = str(source)
-    if src == "arithmetic" or src.startswith("arithmetic:"):
-        from megatron_bppo.data.arithmetic import generate_arithmetic
-
-        level = src.partition(":")[2] or "l0"
-        return generate_arithmetic(level, size or 1024, split=split, seed=seed, heldout_fraction=heldout_fraction)
-    return load_prompts(src, schema=schema, limit=size)
 
 
 # ---------------------------------------------------------------------------------------------------------------

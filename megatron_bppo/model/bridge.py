@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..platform import current_platform, have_transformer_engine
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -69,15 +69,31 @@ def model_dims(hf_config) -> dict:
                 num_layers=hf_config.num_hidden_layers, vocab_size=hf_config.vocab_size)
 
 
+def open_model(model, parallel, seed: int = 1234, require_weights: bool = True, hf_config=None):
+    """The one start-up recipe from an HF directory and a layout (trainer, bench/, tools/ alike):
+    read and check the HF config once -> check the layout against it -> process groups + Megatron parallel
+    state -> the bridge. `model`: config.ModelConfig; `parallel`: config.ParallelConfig.
+    `hf_config`: read_hf_config's result when the caller checked the directory first (it is read once).
+    Returns (LaunchEnv, HFBridge); the caller builds model chunks with bridge.build() (or learner.build_learner)."""
+    from ..distributed import init_distributed
+
+    if hf_config is None:
+        hf_config = read_hf_config(model.path, model.trust_remote_code, require_weights)
+    launch, _ = init_distributed(parallel, model_dims(hf_config), seed=seed)
+    return launch, HFBridge(model.path, model.dtype, model.spec, model.trust_remote_code, require_weights,
+                            hf_config=hf_config)
+
+
 class HFBridge:
     """One HF checkpoint family <-> Megatron GPTModel; call after parallel_state is initialised."""
 
     def __init__(self, hf_dir: str, dtype: str = "float32", spec: str = "auto", trust_remote_code: bool = False,
-                 require_weights: bool = True):
+                 require_weights: bool = True, hf_config=None):
+        """hf_config: the result of read_hf_config(hf_dir, ...) when the caller has it (read once per start)."""
         from mbridge import AutoBridge
 
         self.hf_dir = hf_dir
-        self.hf_config = read_hf_config(hf_dir, trust_remote_code, require_weights)
+        self.hf_config = hf_config or read_hf_config(hf_dir, trust_remote_code, require_weights)
         self.dtype = _DTYPES[dtype]
         self.platform = current_platform()
         self.use_te = spec == "te" or (spec == "auto" and have_transformer_engine())
@@ -121,9 +137,6 @@ class HFBridge:
             weight_path=self.hf_dir if load_weights else None, wrap_with_ddp=False,
             bf16=self.dtype is torch.bfloat16, fp16=self.dtype is torch.float16,
             use_cpu_initialization=on_cpu, use_torch_fsdp2=on_cpu)
-
-    def load_hf_weights(self, models, hf_dir: str | None = None):
-        self.bridge.load_weights(models, hf_dir or self.hf_dir)
 
     @torch.no_grad()
     def export_hf_weights(self, models) -> Iterator[tuple[str, torch.Tensor]]:

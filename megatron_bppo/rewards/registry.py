@@ -12,6 +12,10 @@ A reward function takes one completion and its reference answer and returns a :c
 
 ``score`` drives the advantages, ``correct`` drives BPPO's correct/incorrect selection and the accuracy metric.
 A function may also return a bare float/bool; :func:`score_batch` wraps it (``correct = score > 0``).
+
+This module knows no reward function itself: the built-ins ("math", "gsm8k") register themselves from
+``megatron_bppo.rewards.math``, which the package ``megatron_bppo.rewards`` imports. Python runs that package's
+``__init__`` before any of its submodules, so every importer of this module sees the built-ins registered.
 """
 from __future__ import annotations
 
@@ -30,7 +34,6 @@ __all__ = [
     "get_reward",
     "list_rewards",
     "register_reward",
-    "reward_for_source",
     "score_batch",
     "validate_reward_kwargs",
 ]
@@ -72,18 +75,12 @@ def register_reward(name: str, fn: Optional[RewardFn] = None, *, overwrite: bool
     return _register(fn) if fn is not None else _register
 
 
-def _ensure_builtins() -> None:
-    importlib.import_module("megatron_bppo.rewards.math")
-
-
 def list_rewards() -> list[str]:
-    _ensure_builtins()
     return sorted(_REGISTRY)
 
 
 def get_reward(name: str) -> RewardFn:
     """The registered function ``name``, or ``package.module:function`` imported on demand."""
-    _ensure_builtins()
     if name in _REGISTRY:
         return _REGISTRY[name]
     if isinstance(name, str) and ":" in name:
@@ -163,16 +160,3 @@ def score_batch(fn: RewardFn, texts: Sequence[str], references: Sequence[str], *
             errors += 1
             results.append(RewardResult(0.0, False, None, {"error": f"{type(e).__name__}: {e}"}))
     return results
-
-
-_SOURCE_RULES = (("gsm8k", "gsm8k"), ("arith", "gsm8k"), ("math", "math"), ("aime", "math"), ("amc", "math"))
-
-
-def reward_for_source(data_source: str, default: str = "math") -> str:
-    """A built-in reward name for a dataset's ``data_source`` (verl convention): gsm8k/arithmetic -> "gsm8k",
-    MATH/AIME/AMC -> "math", anything else -> ``default``."""
-    s = (data_source or "").lower()
-    for needle, name in _SOURCE_RULES:
-        if needle in s:
-            return name
-    return default

@@ -1,7 +1,7 @@
 """Train/rollout log-prob mismatch: the engine's log-probs of its own sampled tokens vs the learner's.
 
     prompt + completion tokens --(Learner.compute_logprobs)--> per-token log-probs (len L-1)
-      --(response_logprobs: drop the prompt part)--> learner log-probs of the completion tokens
+      --(drop the prompt part: lp[prompt_len - 1:])--> learner log-probs of the completion tokens
     Completion.logprobs (engine) vs those --(logprob_mismatch)--> max / mean |diff| --(check_mismatch)--> warning
 
 Both sides must describe the same distribution: the engine's `processed_logprobs` (after temperature) against a
@@ -16,13 +16,6 @@ from typing import Optional, Sequence
 import torch
 
 logger = logging.getLogger(__name__)
-
-
-def response_logprobs(sequence_logprobs: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Per-token log-probs of prompt+response (index i = log p(token[i+1])) -> the response tokens' entries."""
-    if prompt_len < 1:
-        raise ValueError("prompt_len must be >= 1 (the first token has no log-prob)")
-    return sequence_logprobs[prompt_len - 1:]
 
 
 def logprob_mismatch(engine: Sequence[torch.Tensor], learner: Sequence[torch.Tensor]) -> dict:

@@ -18,44 +18,11 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from ..errors import ConfigError
+from ..config import SamplingConfig
 
 
 class RolloutEngineError(RuntimeError):
     """The engine could not do what was asked; the message names the setting to change."""
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0              # 0 = greedy
-    top_p: float = 1.0
-    max_tokens: int = 256                 # most tokens generated per completion
-    stop: Sequence[Union[str, int]] = ()  # stop strings and/or stop token ids (EOS always stops unless ignore_eos)
-    seed: Optional[int] = None            # None: the engine's own RNG stream; an int: reproducible per prompt/sample
-    n: int = 1                            # default samples per prompt when generate() gets no n
-    ignore_eos: bool = False              # keep generating past EOS (fixed-length benchmarks and tests)
-
-    def validate(self) -> "SamplingConfig":
-        if self.temperature < 0:
-            raise ConfigError(f"sampling.temperature={self.temperature}: must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"sampling.top_p={self.top_p}: must be in (0, 1]")
-        if self.max_tokens < 1:
-            raise ConfigError(f"sampling.max_tokens={self.max_tokens}: must be >= 1")
-        if self.n < 0:
-            raise ConfigError(f"sampling.n={self.n}: must be >= 0")
-        for s in self.stop:
-            if isinstance(s, bool) or not isinstance(s, (str, int)) or s == "":
-                raise ConfigError(f"sampling.stop entry {s!r}: expected a non-empty string or a token id")
-        return self
-
-    @property
-    def stop_strings(self) -> list[str]:
-        return [s for s in self.stop if isinstance(s, str)]
-
-    @property
-    def stop_token_ids(self) -> list[int]:
-        return [s for s in self.stop if isinstance(s, int) and not isinstance(s, bool)]
 
 
 @dataclass

@@ -50,58 +50,20 @@ import logging
 import os
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from ..config import RolloutConfig, SamplingConfig
 from ..errors import ConfigError
-from .engine import Completion, RolloutEngine, RolloutEngineError, SamplingConfig, WeightUpdateStats, normalize_n
+from ..seeds import engine_prompt_seed
+from .engine import Completion, RolloutEngine, RolloutEngineError, WeightUpdateStats, normalize_n
 from .placement import ReplicaLayout, assign, gather, replica_layout
 
 logger = logging.getLogger(__name__)
 
-_LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
-_LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _CPU_DEFAULT_KV_BYTES = 1 << 30
-
-
-@dataclass
-class RolloutConfig:
-    tp: int = 1                               # vLLM tensor-parallel size per engine replica (divides world size)
-    max_model_len: int = 2048                 # longest prompt + completion (tokens) the engine accepts
-    max_num_seqs: int = 64                    # most sequences decoded at once per replica
-    kv_cache_memory_bytes: Optional[int] = None   # KV cache per rank; CPU default 1 GiB; GPU: None uses ...
-    gpu_memory_utilization: float = 0.5       # ... this fraction of the GPU (shared with the learner)
-    enable_sleep_mode: bool = True            # GPU: free weights + KV cache while the learner trains
-    sleep_level: int = 2                      # 2: drop weights on sleep (re-synced anyway); 1: keep a host copy
-    enforce_eager: Optional[bool] = None      # None: eager on CPU, CUDA graphs on GPU
-    seed: int = 0                             # engine RNG seed (replica r uses seed + r)
-    load_format: str = "auto"                 # "dummy": random init, real weights arrive with the first sync
-    logprobs_mode: str = "processed_logprobs" # log-probs after temperature/top-p: the sampling distribution
-    bucket_bytes: int = 256 << 20             # weight sync: most bytes of exported tensors in flight per rank
-    logprob_mismatch_warn: float = 0.02       # warn when mean |engine - learner| log-prob exceeds this
-    engine_kwargs: dict = field(default_factory=dict)   # passed to vllm.LLM as is (expert settings)
-
-    def validate(self) -> "RolloutConfig":
-        for key in ("tp", "max_model_len", "max_num_seqs", "bucket_bytes"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"rollout.{key}={getattr(self, key)}: must be >= 1")
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
-            raise ConfigError(f"rollout.kv_cache_memory_bytes={self.kv_cache_memory_bytes}: must be > 0 or null")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(f"rollout.gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1]")
-        if self.sleep_level not in (1, 2):
-            raise ConfigError(f"rollout.sleep_level={self.sleep_level}: must be 1 or 2")
-        if self.load_format not in _LOAD_FORMATS:
-            raise ConfigError(f"rollout.load_format={self.load_format!r}: must be one of {', '.join(_LOAD_FORMATS)}")
-        if self.logprobs_mode not in _LOGPROBS_MODES:
-            raise ConfigError(f"rollout.logprobs_mode={self.logprobs_mode!r}: must be one of "
-                              f"{', '.join(_LOGPROBS_MODES)}")
-        if self.logprob_mismatch_warn < 0:
-            raise ConfigError(f"rollout.logprob_mismatch_warn={self.logprob_mismatch_warn}: must be >= 0")
-        return self
 
 
 def kv_bytes_per_token(hf_config, dtype: str, tp: int = 1) -> int:
@@ -110,11 +72,6 @@ def kv_bytes_per_token(hf_config, dtype: str, tp: int = 1) -> int:
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     kv_heads = max(1, getattr(hf_config, "num_key_value_heads", heads) // tp)
     return 2 * hf_config.num_hidden_layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 4)
-
-
-def sample_seed(seed: int, prompt_index: int) -> int:
-    """Per-prompt seed; vLLM gives sample j of a request seed + j, so prompts are spaced 2**13 apart."""
-    return (seed * 1_000_003 + prompt_index * 8192) % (2 ** 31 - 1)
 
 
 class _ReloadLogWatch(logging.Filter):
@@ -230,14 +187,15 @@ class VLLMEngine(RolloutEngine):
     """One vLLM engine shard per rank (see the module docstring); every rank calls every method."""
 
     def __init__(self, model_path: str, cfg: Optional[RolloutConfig] = None, dtype: str = "float32",
-                 trust_remote_code: bool = False, skip_tokenizer: bool = False):
+                 trust_remote_code: bool = False, skip_tokenizer: bool = False, hf_config=None):
         from ..model.bridge import read_hf_config
 
         self.cfg = cfg = (cfg or RolloutConfig()).validate()
         self.model_path, self.dtype, self.skip_tokenizer = model_path, dtype, skip_tokenizer
         self.layout: ReplicaLayout = replica_layout(cfg.tp)
         self.on_gpu = torch.cuda.is_available()
-        hf_config = read_hf_config(model_path, trust_remote_code, require_weights=cfg.load_format != "dummy")
+        if hf_config is None:          # the trainer passes the config it has already read and checked
+            hf_config = read_hf_config(model_path, trust_remote_code, require_weights=cfg.load_format != "dummy")
         self.vocab_size = hf_config.vocab_size
         self.tied_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.kv_cache_bytes = cfg.kv_cache_memory_bytes
@@ -346,7 +304,7 @@ class VLLMEngine(RolloutEngine):
             n=count, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
             stop=sampling.stop_strings or None, stop_token_ids=sampling.stop_token_ids or None,
             ignore_eos=sampling.ignore_eos, logprobs=0, detokenize=not self.skip_tokenizer,
-            seed=None if sampling.seed is None else sample_seed(sampling.seed, prompt_index), **extra)
+            seed=None if sampling.seed is None else engine_prompt_seed(sampling.seed, prompt_index), **extra)
 
     def _run(self, prompts: list[list[int]], params: list):
         from vllm.inputs import TokensPrompt

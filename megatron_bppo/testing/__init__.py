@@ -1,6 +1,8 @@
-"""Deterministic, offline test fixtures: tiny tokenizers and checkpoints, and the real SmolLM2-135M-Instruct.
+"""Tiny test fixtures only, for tests and CI: deterministic offline tokenizers and random checkpoints
+(``tiny_models``) and test-only rewards (``rewards``).
 
-Importing this package is cheap: torch/transformers/tokenizers are imported inside the functions.
+Importing this package is cheap: torch/transformers/tokenizers are imported inside the functions. The real
+SmolLM2-135M-Instruct preparation lives in :mod:`megatron_bppo.model.smollm2`.
 """
 from megatron_bppo.testing.tiny_models import (
     CHATML_TEMPLATE,
@@ -10,15 +12,11 @@ from megatron_bppo.testing.tiny_models import (
     tiny_corpus,
     train_tiny_tokenizer,
 )
-from megatron_bppo.testing.smollm2 import default_smollm2_dir, prepare_smollm2, read_smollm2_info
 
 __all__ = [
     "CHATML_TEMPLATE",
     "SPECIAL_TOKENS",
-    "default_smollm2_dir",
     "make_tiny_checkpoint",
-    "prepare_smollm2",
-    "read_smollm2_info",
     "tiny_checkpoint_cache",
     "tiny_corpus",
     "train_tiny_tokenizer",

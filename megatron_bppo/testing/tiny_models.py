@@ -5,26 +5,34 @@
 * :func:`make_tiny_checkpoint` builds a random ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` whose every parameter
   (norms and biases included) is re-drawn from a seeded generator, so that weight-mapping errors show up as
   logit differences. It saves safetensors + config + generation_config + tokenizer in one directory.
-  Results are cached: a marker file holds the hash of the arguments and the list of files; a complete
-  directory with the same hash is returned at once. Directories are built in a temporary sibling and renamed
-  into place, so an interrupted build never leaves a half directory that looks complete.
+  Results are cached (:mod:`megatron_bppo.model.cache`): a marker file holds the hash of the arguments and the
+  list of files; a complete directory with the same hash is returned at once. Directories are built in a
+  temporary sibling and renamed into place, so an interrupted build never leaves a half directory that looks
+  complete.
 * :func:`tiny_checkpoint_cache` picks a directory under a root, keyed by the arguments, and builds it there.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from megatron_bppo.model.cache import (
+    args_hash,
+    check_replaceable,
+    fix_permissions,
+    is_complete,
+    new_tmp_dir,
+    portable_tokenizer_class,
+    publish_dir,
+    write_marker,
+)
 
 __all__ = [
     "CHATML_TEMPLATE",
     "SPECIAL_TOKENS",
-    "MARKER_NAME",
     "make_tiny_checkpoint",
     "tiny_checkpoint_cache",
     "tiny_corpus",
@@ -43,109 +51,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-MARKER_NAME = ".megatron_bppo_complete.json"
-# Bump when the build recipe changes, so old caches are rebuilt instead of silently reused.
-_FORMAT_VERSION = 1
-
-# ---------------------------------------------------------------------------------------------------------
-# Atomic, marker-checked directories (shared with smollm2.py)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _args_hash(kind: str, args: dict[str, Any]) -> str:
-    blob = json.dumps({"kind": kind, "format": _FORMAT_VERSION, "args": args}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _read_marker(path: Path) -> dict | None:
-    try:
-        with open(path / MARKER_NAME) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _is_complete(path: Path, kind: str, args_hash: str | None = None) -> bool:
-    """True when ``path`` holds a marker of ``kind`` (with ``args_hash`` if given) and every listed file exists."""
-    marker = _read_marker(Path(path))
-    if not marker or marker.get("kind") != kind:
-        return False
-    if args_hash is not None and marker.get("args_hash") != args_hash:
-        return False
-    files = marker.get("files") or []
-    return bool(files) and all((Path(path) / f).is_file() for f in files)
-
-
-def _write_marker(path: Path, kind: str, args_hash: str, args: dict[str, Any], extra: dict | None = None) -> None:
-    files = sorted(
-        str(p.relative_to(path)) for p in Path(path).rglob("*") if p.is_file() and p.name != MARKER_NAME
-    )
-    marker = {"kind": kind, "args_hash": args_hash, "args": args, "files": files, **(extra or {})}
-    tmp = Path(path) / (MARKER_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(marker, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, Path(path) / MARKER_NAME)  # the marker is written last: its presence means "complete"
-
-
-def _check_replaceable(out: Path) -> None:
-    """Refuse to replace a non-empty directory that this module did not create."""
-    if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a directory")
-        if any(out.iterdir()) and _read_marker(out) is None:
-            raise FileExistsError(
-                f"{out} exists, is not empty and has no {MARKER_NAME}; refusing to overwrite it. "
-                "Pass an empty or new directory."
-            )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_tmp_dirs(out: Path) -> None:
-    """Delete ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` siblings left by killed builds (dead pid)."""
-    for p in out.parent.glob(f".{out.name}.*-*-*"):
-        kind, _, rest = p.name[len(out.name) + 2:].partition("-")
-        pid = rest.split("-")[0]
-        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _new_tmp_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
-def _publish_dir(tmp: Path, out: Path, is_complete: Callable[[Path], bool]) -> Path:
-    """Move the finished ``tmp`` to ``out``. If a concurrent builder already published a complete ``out``, keep
-    that one. A stale ``out`` (other arguments, or no longer complete) is moved aside and deleted."""
-    try:
-        os.rename(tmp, out)  # atomic; succeeds when out is absent or an empty directory
-        return out
-    except OSError:
-        pass
-    if is_complete(out):
-        shutil.rmtree(tmp, ignore_errors=True)
-        return out
-    trash = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.rename(out, trash)
-    os.rename(tmp, out)
-    shutil.rmtree(trash, ignore_errors=True)
-    return out
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -245,31 +150,8 @@ def train_tiny_tokenizer(out_dir: str | os.PathLike | None, vocab_size: int = 51
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         fast.save_pretrained(str(out_dir))
-        _portable_tokenizer_class(Path(out_dir))
+        portable_tokenizer_class(Path(out_dir))
     return fast
-
-
-def _portable_tokenizer_class(path: Path) -> None:
-    """transformers 5 writes ``"tokenizer_class": "TokenizersBackend"``, which 4.x cannot resolve; the 4.x/5.x
-    common name for the same class is ``PreTrainedTokenizerFast``. Also drops load-time keys that 5.x leaks into
-    the saved config (``is_local``, ``local_files_only``)."""
-    cfg_path = path / "tokenizer_config.json"
-    if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("tokenizer_class") == "TokenizersBackend":
-            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        for key in ("is_local", "local_files_only"):
-            cfg.pop(key, None)
-        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-
-
-def _fix_permissions(path: Path) -> None:
-    """safetensors writes model.safetensors with mode 0600; make every file readable like the others (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in Path(path).rglob("*"):
-        if p.is_file():
-            os.chmod(p, 0o666 & ~umask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,17 +228,17 @@ def make_tiny_checkpoint(
     """
     args = _checkpoint_args(arch, tie_word_embeddings, hidden, layers, heads, kv_heads, head_dim, intermediate,
                             vocab_size, max_position_embeddings, seed, dtype)
-    h = _args_hash("tiny_checkpoint", args)
+    h = args_hash("tiny_checkpoint", args)
     out = Path(out_dir).absolute()
-    if _is_complete(out, "tiny_checkpoint", h):
+    if is_complete(out, "tiny_checkpoint", h):
         return out
-    _check_replaceable(out)
+    check_replaceable(out)
 
     import torch
     import transformers
     from transformers import GenerationConfig
 
-    tmp = _new_tmp_dir(out)
+    tmp = new_tmp_dir(out)
     try:
         tokenizer = train_tiny_tokenizer(tmp, vocab_size=args["vocab_size"],
                                          model_max_length=args["max_position_embeddings"])
@@ -400,12 +282,12 @@ def make_tiny_checkpoint(
             bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False
         )
         model.save_pretrained(str(tmp), **_safe_kw(model))
-        _fix_permissions(tmp)
+        fix_permissions(tmp)
         if not (tmp / "model.safetensors").is_file():
             raise RuntimeError(f"save_pretrained did not write model.safetensors in {tmp}")
-        _write_marker(tmp, "tiny_checkpoint", h, args, {"model_vocab_size": model_vocab,
-                                                         "tokenizer_len": len(tokenizer)})
-        return _publish_dir(tmp, out, lambda p: _is_complete(p, "tiny_checkpoint", h))
+        write_marker(tmp, "tiny_checkpoint", h, args, {"model_vocab_size": model_vocab,
+                                                        "tokenizer_len": len(tokenizer)})
+        return publish_dir(tmp, out, lambda p: is_complete(p, "tiny_checkpoint", h))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -430,6 +312,6 @@ def tiny_checkpoint_cache(root: str | os.PathLike, **kw) -> Path:
     full = dict(bound.arguments)
     full.pop("out_dir")
     args = _checkpoint_args(**full)
-    h = _args_hash("tiny_checkpoint", args)
+    h = args_hash("tiny_checkpoint", args)
     name = f"tiny-{args['arch']}-{'tied' if args['tie_word_embeddings'] else 'untied'}-{h[:12]}"
     return make_tiny_checkpoint(Path(root) / name, **full)

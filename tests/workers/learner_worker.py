@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from megatron_bppo.config import LearnerConfig, OptimConfig, ParallelConfig  # noqa: E402
+from megatron_bppo.config import LearnerConfig, ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 
 STEPS = 3
 
@@ -47,14 +47,13 @@ def main():
     args = ap.parse_args()
 
     from megatron_bppo.checkpointing import load_checkpoint, save_checkpoint
-    from megatron_bppo.distributed import destroy_distributed, init_distributed
-    from megatron_bppo.learner import Learner
-    from megatron_bppo.model.bridge import HFBridge, model_dims, read_hf_config
+    from megatron_bppo.distributed import destroy_distributed
+    from megatron_bppo.learner import build_learner
 
-    launch, _ = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp), model_dims(read_hf_config(args.hf)))
-    bridge = HFBridge(args.hf)
-    learner = Learner(bridge.build(), OptimConfig(lr=1e-2, use_distributed_optimizer=bool(args.dist_opt)),
-                      LearnerConfig(micro_batch_tokens=64, max_seq_len=64))
+    launch, bridge, learner, _ = build_learner(
+        ModelConfig(path=args.hf), ParallelConfig(tp=args.tp, pp=args.pp),
+        OptimConfig(lr=1e-2, use_distributed_optimizer=bool(args.dist_opt)),
+        LearnerConfig(micro_batch_tokens=64, max_seq_len=64))
     seqs = fixed_sequences(bridge.hf_config.vocab_size)
     result = {"layout": [args.tp, args.pp, launch.world_size]}
     rank0 = launch.rank == 0

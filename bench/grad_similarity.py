@@ -1,6 +1,7 @@
 """Gradient-similarity analysis (BPPO paper): do same-class completions of a group push the policy the same way?
 
-    prompts --(HF sampler, G completions each, rank 0, broadcast)--> completions --(answer reward)--> classes
+    prompts (megatron_bppo.data.prompts) --(vLLM rollout engine on every rank, G completions each)--> completions
+      --(reward: megatron_bppo.rewards, or a coin flip for the control)--> classes (correct / wrong)
     each completion --(Megatron learner: grad of its mean response log-prob, selected params, any TP/PP)--> g_i
     {g_i} --(Gram matrix summed over TP shards and PP stages)--> cosine matrix per group
       --> mean same-class (correct/correct, wrong/wrong) vs cross-class cosine, PNG heatmaps, summary table
@@ -9,8 +10,12 @@ g_i is the score-function gradient of completion i, d/dθ (1/|y_i|) Σ_t log π(
 contribution to a GRPO/BPPO update is A_i·g_i, so the cosine of two update directions is sign(A_i A_j) times
 the cosine reported here (same class: same sign; cross class: flipped).
 
-    python tools/grad_similarity.py --out runs/gradsim                      # SmolLM2-135M-Instruct, 1 process
-    torchrun --nproc-per-node 2 tools/grad_similarity.py --model H --tp 2 --out D
+Prompts, sampling and scoring are the trainer's: `--data` through open_dataset / render_prompts (instruction
+"direct" after the question), the in-process VLLMEngine through collect.collect_groups (seeded per prompt, so
+every layout samples the same completions), and a registered reward (`--reward`, default gsm8k).
+
+    python bench/grad_similarity.py --out runs/gradsim                      # SmolLM2-135M-Instruct, 1 process
+    torchrun --nproc-per-node 2 bench/grad_similarity.py --model H --tp 2 --out D
 `--reward random:SEED` labels completions by a coin flip: a control in which classes carry no signal, so
 same- and cross-class similarities should agree.
 """
@@ -29,50 +34,35 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-INSTRUCTION = "Solve the problem. Put the final answer after '####'."
 
+def coin_flip_reward(seed: int):
+    """The control's reward: each completion is 'correct' with probability 1/2, whatever it says. Every rank
+    scores the same completions in the same order (collect_groups), so every rank draws the same labels."""
+    from megatron_bppo.rewards import RewardResult
 
-def make_prompts(n: int, seed: int) -> list[tuple[str, int]]:
     rng = random.Random(seed)
-    pairs = [(rng.randint(1, 9), rng.randint(1, 9)) for _ in range(n)]
-    return [(f"What is {a} + {b}?", a + b) for a, b in pairs]
+
+    def reward(text: str, reference: str) -> RewardResult:
+        correct = rng.random() < 0.5
+        return RewardResult(float(correct), correct)
+
+    return reward
 
 
-def extract_answer(text: str):
-    match = re.search(r"####\s*(-?[\d,]+)", text)
-    numbers = [match.group(1)] if match else re.findall(r"-?\d[\d,]*", text)
-    return int(numbers[-1 if not match else 0].replace(",", "")) if numbers else None
+def sample(args, prompts, cfg, reward_fn):
+    """Every rank: the groups of G completions (collect.collect_groups), one generate call on the rollout engine."""
+    from megatron_bppo.algorithms import AdaptiveScheduler
+    from megatron_bppo.collect import collect_groups
+    from megatron_bppo.config import RolloutConfig
+    from megatron_bppo.rollout import VLLMEngine
 
-
-def label(text: str, answer: int, reward: str, rng: random.Random) -> bool:
-    if reward == "answer":
-        return extract_answer(text) == answer
-    return rng.random() < 0.5
-
-
-def sample(model_dir: str, prompts, group_size: int, max_new_tokens: int, temperature: float, seed: int):
-    """Rank 0 only: [(prompt_ids, [response_ids] * G, [text] * G)] with transformers sampling."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    torch.manual_seed(seed)
-    out = []
-    for question, _ in prompts:
-        messages = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                      return_dict=True)["input_ids"]
-        with torch.no_grad():
-            gen = model.generate(ids, do_sample=True, temperature=temperature, top_p=1.0,
-                                 max_new_tokens=max_new_tokens, num_return_sequences=group_size,
-                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        responses = []
-        for row in gen[:, ids.shape[1]:].tolist():
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id) + 1]
-            responses.append(row or [tok.eos_token_id])
-        out.append((ids[0].tolist(), responses, [tok.decode(r, skip_special_tokens=True) for r in responses]))
-    return out
+    engine = VLLMEngine(args.model, RolloutConfig(max_model_len=args.max_len, max_num_seqs=64,
+                                                  kv_cache_memory_bytes=args.kv_mb << 20, seed=args.seed))
+    try:
+        return collect_groups(engine, AdaptiveScheduler.fixed(args.group_size), prompts, cfg.sampling, reward_fn,
+                              {}, seed=args.seed).groups
+    finally:
+        engine.close()
 
 
 def gram_matrix(learner, sequences, prompt_lengths, select) -> torch.Tensor:
@@ -159,68 +149,77 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="", help="HF checkpoint dir (default: SmolLM2-135M-Instruct, prepared)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--data", default="arithmetic:l0",
+                    help="prompt source as data.train takes it (arithmetic:<preset> or a jsonl / parquet file)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--max-len", type=int, default=512, help="longest prompt + completion (engine and learner)")
     ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--kv-mb", type=int, default=256, help="vLLM KV cache per rank, MiB")
     ap.add_argument("--params", default="last-layer",
                     help="regex over Megatron parameter names, or 'last-layer' (every weight of the last layer)")
-    ap.add_argument("--reward", default="answer", help="answer | random:SEED (control)")
+    ap.add_argument("--reward", default="gsm8k",
+                    help="registered reward name or package.module:function; random:SEED for the control")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     args = ap.parse_args(argv)
 
-    from megatron_bppo.config import LearnerConfig, OptimConfig, ParallelConfig
-    from megatron_bppo.distributed import init_distributed, print_rank0
-    from megatron_bppo.learner import Learner
-    from megatron_bppo.model.bridge import HFBridge, model_dims, read_hf_config
+    from transformers import AutoTokenizer
 
-    if args.reward != "answer" and not args.reward.startswith("random:"):
-        raise SystemExit(f"--reward {args.reward!r}: use 'answer' or 'random:SEED'")
-    if not args.model:
-        from megatron_bppo.testing.smollm2 import prepare_smollm2
-        args.model = str(prepare_smollm2())
-    hf_config = read_hf_config(args.model)
-    launch, _ = init_distributed(ParallelConfig(tp=args.tp, pp=args.pp), model_dims(hf_config), seed=args.seed)
+    from megatron_bppo.config import LearnerConfig, OptimConfig, ParallelConfig, load_config
+    from megatron_bppo.data.prompts import open_dataset, render_prompts
+    from megatron_bppo.distributed import print_rank0
+    from megatron_bppo.learner import build_learner
+    from megatron_bppo.model.smollm2 import model_dir_or_default
+    from megatron_bppo.rewards import get_reward
+
+    args.model = model_dir_or_default(args.model)
+    reward_fn = (coin_flip_reward(int(args.reward.partition(":")[2] or 0)) if args.reward.startswith("random:")
+                 else get_reward(args.reward))
+    cfg = load_config(None, [f"model.path={args.model}", f"data.train={args.data}", "data.instruction=direct",
+                             "data.instruction_position=suffix", f"rollout.max_model_len={args.max_len}",
+                             f"sampling.max_tokens={args.max_new_tokens}", f"sampling.temperature={args.temperature}",
+                             f"sampling.seed={args.seed}"])
+    prompts = render_prompts(cfg, AutoTokenizer.from_pretrained(args.model),
+                             open_dataset(args.data, split="train", seed=args.seed, size=args.prompts))
+    # the learner first: its process groups are the ones the engine joins
+    launch, bridge, learner, _ = build_learner(
+        cfg.model, ParallelConfig(tp=args.tp, pp=args.pp), OptimConfig(lr=1e-6, use_distributed_optimizer=False),
+        LearnerConfig(micro_batch_tokens=max(4096, args.max_len), max_seq_len=args.max_len), seed=args.seed)
     start = time.time()
-    prompts = make_prompts(args.prompts, args.seed)
-    payload = [sample(args.model, prompts, args.group_size, args.max_new_tokens, args.temperature, args.seed)
-               if launch.rank == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(payload, src=0)
-    samples = payload[0]
-    print_rank0(f"[gradsim] sampled {args.prompts}x{args.group_size} completions in {time.time() - start:.1f}s")
+    sampled = {g.prompt_id: g for g in sample(args, prompts, cfg, reward_fn)}
+    print_rank0(f"[gradsim] sampled {len(sampled)}x{args.group_size} completions in {time.time() - start:.1f}s")
 
-    bridge = HFBridge(args.model)
-    learner = Learner(bridge.build(), OptimConfig(lr=1e-6, use_distributed_optimizer=False),
-                      LearnerConfig(micro_batch_tokens=4096, max_seq_len=4096))
-    last = hf_config.num_hidden_layers - 1
-    pattern = re.compile(rf"decoder\.layers\.{last}\." if args.params == "last-layer" else args.params)
+    layers = bridge.hf_config.num_hidden_layers
+    pattern = re.compile(rf"decoder\.layers\.{layers - 1}\." if args.params == "last-layer" else args.params)
     from megatron.core import parallel_state as ps
-    offset = ps.get_pipeline_model_parallel_rank() * (hf_config.num_hidden_layers // args.pp)
+    offset = ps.get_pipeline_model_parallel_rank() * (layers // args.pp)
 
     def select(name):      # Megatron names are stage-local: map the layer index back to the global one
         global_name = re.sub(r"decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
         return bool(pattern.search(global_name))
 
-    coin = random.Random(int(args.reward.split(":")[1]) if ":" in args.reward else 0)
     groups = []
-    for (question, answer), (prompt_ids, responses, texts) in zip(prompts, samples):
-        seqs = [torch.tensor(prompt_ids + r) for r in responses]
-        gram = gram_matrix(learner, seqs, [len(prompt_ids)] * len(seqs), select)
+    for rendered in prompts:
+        group = sampled[rendered.example.id]
+        responses = [list(c.token_ids) for c in group.completions]
+        seqs = [torch.tensor(group.prompt_ids + r) for r in responses]
+        gram = gram_matrix(learner, seqs, [len(group.prompt_ids)] * len(seqs), select)
         norms = gram.diagonal().sqrt().clamp_min(1e-30)
         cos = gram / norms[:, None] / norms[None, :]
-        groups.append({"question": question, "answer": answer, "texts": texts, "prompt_ids": prompt_ids,
-                       "responses": responses,
-                       "correct": [label(t, answer, args.reward, coin) for t in texts],
+        question = rendered.example.prompt or rendered.text
+        groups.append({"question": question, "answer": group.reference,
+                       "texts": [c.text for c in group.completions], "prompt_ids": group.prompt_ids,
+                       "responses": responses, "correct": list(group.correct), "rewards": list(group.rewards),
                        "lengths": [len(r) for r in responses], "cosine": cos.tolist(),
                        "grad_norms": norms.tolist()})
-        print_rank0(f"[gradsim] {question}: {sum(groups[-1]['correct'])}/{len(texts)} correct "
+        print_rank0(f"[gradsim] {question}: {sum(group.correct)}/{len(responses)} correct "
                     f"({time.time() - start:.0f}s)")
     summary = summarize(groups)
-    summary.update(model=args.model, params=args.params, reward=args.reward, tp=args.tp, pp=args.pp,
-                   seconds=time.time() - start)
+    summary.update(model=args.model, data=args.data, params=args.params, reward=args.reward, tp=args.tp,
+                   pp=args.pp, seconds=time.time() - start)
     if launch.rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "gradsim.json"), "w") as f:

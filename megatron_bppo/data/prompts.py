@@ -1,0 +1,75 @@
+"""Config -> rendered train and held-out prompts: the one way the trainer, bench/ and tools/ get their prompts.
+
+    data.train / data.eval --(open_dataset: "arithmetic:<preset>" generated, or a jsonl / parquet file)--> examples
+    examples --(prompt_format: instruction by name or literal text, system prompt, chat template,
+                prompt budget = rollout.max_model_len - sampling.max_tokens, data.on_too_long)--> RenderedPrompt
+    prompts_from_config(cfg, tokenizer) -> (train prompts, held-out prompts[:data.eval_size])
+
+A generated task's held-out prompts are its test split (seeded with data.seed + 1); a file-based train set needs
+data.eval. Every problem a user can cause here is a ConfigError that names the key to change.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from ..errors import ConfigError
+from ..seeds import HELD_OUT_SEED_OFFSET
+from .arithmetic import generate_arithmetic
+from .chat import INSTRUCTIONS, ChatFormat, ChatTemplateError, PromptRenderer, PromptTooLongError, RenderedPrompt
+from .datasets import DatasetError, PromptDataset, read_prompt_file
+
+__all__ = ["open_dataset", "prompt_format", "render_prompts", "prompts_from_config"]
+
+def open_dataset(source: str | os.PathLike, *, split: str = "train", seed: int = 0, size: Optional[int] = None,
+                 schema: str = "auto", heldout_fraction: float = 0.2) -> PromptDataset:
+    """One entry point for a config value: ``"arithmetic:<preset>"`` (e.g. ``arithmetic:l0_l5_mix``; ``size``
+    problems, default 1024, of ``split`` "train"/"test", seeded) or a dataset path (``size`` = row limit;
+    ``split``/``seed`` unused: a file is its own split)."""
+    src = str(source)
+    if src == "arithmetic" or src.startswith("arithmetic:"):
+        level = src.partition(":")[2] or "l0"
+        return generate_arithmetic(level, size or 1024, split=split, seed=seed, heldout_fraction=heldout_fraction)
+    return read_prompt_file(src, schema=schema, limit=size)
+
+
+def prompt_format(cfg) -> ChatFormat:
+    """`cfg`: config.Config (data.*, rollout.max_model_len, sampling.max_tokens) -> the chat rendering rules."""
+    data = cfg.data
+    name = data.instruction
+    instruction = INSTRUCTIONS.get(name, None if name == "none" else name)
+    return ChatFormat(system_prompt=data.system_prompt,
+                      instruction_prefix=instruction if data.instruction_position == "prefix" else None,
+                      instruction_suffix=instruction if data.instruction_position == "suffix" else None,
+                      max_prompt_tokens=cfg.rollout.max_model_len - cfg.sampling.max_tokens,
+                      on_too_long=data.on_too_long)
+
+
+def render_prompts(cfg, tokenizer, examples) -> list[RenderedPrompt]:
+    try:
+        rendered = PromptRenderer(tokenizer, prompt_format(cfg)).render_all(examples)
+    except PromptTooLongError as e:
+        raise ConfigError(f"{e}: raise rollout.max_model_len, lower sampling.max_tokens, or set "
+                          "data.on_too_long=skip") from None
+    except ChatTemplateError as e:
+        raise ConfigError(f"data: {e}") from None
+    if not rendered:
+        raise ConfigError("no prompt fits rollout.max_model_len - sampling.max_tokens")
+    return rendered
+
+
+def prompts_from_config(cfg, tokenizer) -> tuple[list[RenderedPrompt], list[RenderedPrompt]]:
+    """(train prompts, held-out prompts) as the trainer uses them."""
+    data = cfg.data
+    generated = data.train.startswith("arithmetic")
+    try:
+        train = open_dataset(data.train, split="train", seed=data.seed, size=data.train_size)
+        eval_source = data.eval or (data.train if generated else "")
+        if not eval_source:
+            raise ConfigError("data.eval is empty: give a held-out prompt file (only generated tasks have "
+                              "a built-in test split)")
+        held_out = open_dataset(eval_source, split="test", seed=data.seed + HELD_OUT_SEED_OFFSET,
+                                size=data.eval_size)
+    except DatasetError as e:
+        raise ConfigError(f"data: {e}") from None
+    return render_prompts(cfg, tokenizer, train), render_prompts(cfg, tokenizer, held_out)[: data.eval_size]

@@ -1,0 +1,37 @@
+"""Every seed the run derives from the config's seeds, named, in one place.
+
+    sampling.seed --(rollout_step_seed: + step * ROLLOUT_STEP_STRIDE)--> the step's rollout seed
+      --(rollout_round_seed: * 1000 + round)--> one engine.generate call's SamplingConfig.seed
+      --(engine_prompt_seed: spaced ENGINE_PROMPT_STRIDE per prompt)--> vLLM's per-request seed (sample j: + j)
+    sampling.seed --(eval_seed: + EVAL_SEED_OFFSET)--> held-out mean@k sampling
+    data.seed (train split, prompt order) --(+ HELD_OUT_SEED_OFFSET)--> a generated task's held-out split
+
+Strides are primes (or powers of two spaced wider than any request's sample count) so that seeds of different
+steps, rounds and prompts never coincide in practice; tests/test_rollout.py checks the per-prompt spacing.
+"""
+from __future__ import annotations
+
+ROLLOUT_STEP_STRIDE = 7919            # the 1000th prime
+ROUNDS_PER_STEP_MAX = 1000            # round r of a step uses step_seed * 1000 + r
+EVAL_SEED_OFFSET = 104729             # the 10000th prime
+HELD_OUT_SEED_OFFSET = 1
+ENGINE_PROMPT_STRIDE = 8192           # vLLM gives sample j of a request seed + j: up to 8192 samples per prompt
+_ENGINE_SEED_MIX = 1_000_003
+_INT31 = 2 ** 31 - 1
+
+
+def rollout_step_seed(sampling_seed, step: int) -> int:
+    return (sampling_seed or 0) + ROLLOUT_STEP_STRIDE * step
+
+
+def rollout_round_seed(step_seed: int, round_index: int) -> int:
+    return step_seed * ROUNDS_PER_STEP_MAX + round_index
+
+
+def eval_seed(sampling_seed) -> int:
+    return (sampling_seed or 0) + EVAL_SEED_OFFSET
+
+
+def engine_prompt_seed(seed: int, prompt_index: int) -> int:
+    """Per-prompt vLLM seed of one generate call."""
+    return (seed * _ENGINE_SEED_MIX + prompt_index * ENGINE_PROMPT_STRIDE) % _INT31
