@@ -162,6 +162,9 @@ def main(argv=None):
     ap.add_argument("--reward", default="gsm8k",
                     help="registered reward name or package.module:function; random:SEED for the control")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rollouts", default="",
+                    help="gradsim.json of an earlier run: reuse its completions instead of sampling (the same "
+                         "prompt arguments), e.g. to compare learner layouts on identical inputs")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     args = ap.parse_args(argv)
@@ -189,8 +192,16 @@ def main(argv=None):
         cfg.model, ParallelConfig(tp=args.tp, pp=args.pp), OptimConfig(lr=1e-6, use_distributed_optimizer=False),
         LearnerConfig(micro_batch_tokens=max(4096, args.max_len), max_seq_len=args.max_len), seed=args.seed)
     start = time.time()
-    sampled = {g.prompt_id: g for g in sample(args, prompts, cfg, reward_fn)}
-    print_rank0(f"[gradsim] sampled {len(sampled)}x{args.group_size} completions in {time.time() - start:.1f}s")
+    if args.rollouts:                  # the completions of an earlier run: compare layouts on identical inputs
+        with open(args.rollouts) as f:
+            sampled = dict(zip((r.example.id for r in prompts), json.load(f)["groups"]))
+        print_rank0(f"[gradsim] {len(sampled)} groups of completions from {args.rollouts}")
+    else:
+        sampled = {g.prompt_id: {"prompt_ids": g.prompt_ids, "answer": g.reference,
+                                 "responses": [list(c.token_ids) for c in g.completions],
+                                 "texts": [c.text for c in g.completions], "correct": list(g.correct),
+                                 "rewards": list(g.rewards)} for g in sample(args, prompts, cfg, reward_fn)}
+        print_rank0(f"[gradsim] sampled {len(sampled)}x{args.group_size} completions in {time.time() - start:.1f}s")
 
     layers = bridge.hf_config.num_hidden_layers
     pattern = re.compile(rf"decoder\.layers\.{layers - 1}\." if args.params == "last-layer" else args.params)
@@ -204,18 +215,17 @@ def main(argv=None):
     groups = []
     for rendered in prompts:
         group = sampled[rendered.example.id]
-        responses = [list(c.token_ids) for c in group.completions]
-        seqs = [torch.tensor(group.prompt_ids + r) for r in responses]
-        gram = gram_matrix(learner, seqs, [len(group.prompt_ids)] * len(seqs), select)
+        responses, prompt_ids = group["responses"], group["prompt_ids"]
+        seqs = [torch.tensor(prompt_ids + r) for r in responses]
+        gram = gram_matrix(learner, seqs, [len(prompt_ids)] * len(seqs), select)
         norms = gram.diagonal().sqrt().clamp_min(1e-30)
         cos = gram / norms[:, None] / norms[None, :]
         question = rendered.example.prompt or rendered.text
-        groups.append({"question": question, "answer": group.reference,
-                       "texts": [c.text for c in group.completions], "prompt_ids": group.prompt_ids,
-                       "responses": responses, "correct": list(group.correct), "rewards": list(group.rewards),
-                       "lengths": [len(r) for r in responses], "cosine": cos.tolist(),
+        groups.append({"question": question, "answer": group["answer"], "texts": group["texts"],
+                       "prompt_ids": prompt_ids, "responses": responses, "correct": group["correct"],
+                       "rewards": group["rewards"], "lengths": [len(r) for r in responses], "cosine": cos.tolist(),
                        "grad_norms": norms.tolist()})
-        print_rank0(f"[gradsim] {question}: {sum(group.correct)}/{len(responses)} correct "
+        print_rank0(f"[gradsim] {question}: {sum(group['correct'])}/{len(responses)} correct "
                     f"({time.time() - start:.0f}s)")
     summary = summarize(groups)
     summary.update(model=args.model, data=args.data, params=args.params, reward=args.reward, tp=args.tp,

@@ -15,13 +15,15 @@
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
 
-from .algorithms import (PrefixRule, correctness, get_selector, group_advantages, policy_loss,
+from .algorithms import (PrefixRule, get_selector, group_advantages, policy_loss, selector_options,
                          weight_selected_advantages)
 from .rollout.consistency import logprob_mismatch
+from .seeds import selection_seed
 
 # Names of the per-token fields (the learner pads them and hands them to the loss by these names).
 MASK = "mask"
@@ -50,6 +52,8 @@ class UpdateBatch:
     response_lengths: list[int]
     origin: list[tuple[int, int]]                       # (group index, completion index) of each sequence
     counts: dict
+    rollout_tokens: int = 0                             # response tokens of every completion of the groups
+    rollout_sequences: int = 0                          # completions of the groups (GRPO trains all of them)
 
     @property
     def empty(self) -> bool:
@@ -59,19 +63,28 @@ class UpdateBatch:
     def tokens(self) -> int:
         return sum(self.keep_lengths)
 
+    def subset(self, idx: list[int], share: float) -> "UpdateBatch":
+        """The sequences `idx`, carrying `share` of the rollout counts (for the `rollout` loss normaliser)."""
+        return UpdateBatch([self.sequences[i] for i in idx], [self.fields[i] for i in idx],
+                           [self.prompt_lengths[i] for i in idx], [self.keep_lengths[i] for i in idx],
+                           [self.response_lengths[i] for i in idx], [self.origin[i] for i in idx], dict(self.counts),
+                           self.rollout_tokens * share, self.rollout_sequences * share)
+
 
 def dense(groups: list[Group]):
-    """Ragged groups -> rewards, lengths, valid as [num_groups, G_max] tensors."""
+    """Ragged groups -> rewards, correct, lengths, valid as [num_groups, G_max] tensors."""
     width = max((len(g.completions) for g in groups), default=0)
     rewards = torch.zeros(len(groups), width, dtype=torch.float64)
+    correct = torch.zeros(len(groups), width, dtype=torch.bool)
     lengths = torch.zeros(len(groups), width, dtype=torch.long)
     valid = torch.zeros(len(groups), width, dtype=torch.bool)
     for gi, g in enumerate(groups):
         n = len(g.completions)
         rewards[gi, :n] = torch.tensor(g.rewards, dtype=torch.float64)
+        correct[gi, :n] = torch.tensor(g.correct, dtype=torch.bool)
         lengths[gi, :n] = torch.tensor([len(c.token_ids) for c in g.completions], dtype=torch.long)
         valid[gi, :n] = True
-    return rewards, lengths, valid
+    return rewards, correct, lengths, valid
 
 
 def prefix_rule(algo) -> PrefixRule:
@@ -81,16 +94,21 @@ def prefix_rule(algo) -> PrefixRule:
                       schedule=tuple(tuple(p) for p in algo.prefix_schedule) or None)
 
 
-def build_update_batch(groups: list[Group], algo, prefix_rule: PrefixRule, step: int) -> UpdateBatch:
-    """`algo`: config.AlgorithmConfig (advantage, reward_type, selector, pair_weighting, ...)."""
-    rewards, lengths, valid = dense(groups)
+def build_update_batch(groups: list[Group], algo, prefix_rule: PrefixRule, step: int,
+                       step_seed: int = 0) -> UpdateBatch:
+    """`algo`: config.AlgorithmConfig (advantage, selector, pair_weighting, ...); `step` drives the prefix
+    schedule, `step_seed` (seeds.rollout_step_seed) a seeded selector. Correctness is the reward function's own
+    `correct` flag (Group.correct), as the sampling schedule saw it."""
+    rewards, correct, lengths, valid = dense(groups)
     advantages = group_advantages(rewards, mode=algo.advantage, eps=algo.adv_eps, valid=valid)
-    correct = correctness(rewards, reward_type=algo.reward_type, threshold=algo.correct_threshold, valid=valid)
-    selection = get_selector(algo.resolved_selector())(correct, lengths, advantages, valid)
+    name = algo.resolved_selector()
+    options = {"seed": selection_seed(step_seed)} if "seed" in selector_options(name) else {}
+    selection = get_selector(name, **options)(correct, lengths, advantages, valid)
     weights = weight_selected_advantages(advantages, correct, selection.mask, valid, algo.pair_weighting)
     rows, cols = selection.mask.nonzero(as_tuple=True)
     keep = prefix_rule.lengths(lengths[rows, cols], step) if len(rows) else torch.zeros(0, dtype=torch.long)
-    out = UpdateBatch([], [], [], [], [], [], dict(selection.counts))
+    out = UpdateBatch([], [], [], [], [], [], dict(selection.counts), rollout_tokens=int(lengths[valid].sum()),
+                      rollout_sequences=int(valid.sum()))
     for gi, ci, k in zip(rows.tolist(), cols.tolist(), keep.tolist()):
         if k < 1:
             continue
@@ -128,22 +146,25 @@ def attach_logprobs(batch: UpdateBatch, learner, ref=None) -> dict:
                             [f[OLD_LOGPROBS][m] for f, m in zip(batch.fields, masks)])
 
 
-def split_batch(batch: UpdateBatch, parts: int) -> list[UpdateBatch]:
-    """Mini-batches for several optimizer steps per rollout: round-robin over sequences sorted by origin."""
-    if parts <= 1 or len(batch.sequences) <= 1:
+def split_batch(batch: UpdateBatch, parts: int, seed: int) -> list[UpdateBatch]:
+    """Mini-batches for several optimizer steps per rollout, by whole groups: a BPPO pair or a GRPO group never
+    spans two optimizer steps. The groups are shuffled with `seed` (one per step and epoch) and dealt round-robin;
+    each mini-batch carries its share of the rollout counts. Fewer groups than `parts` give fewer mini-batches."""
+    order = sorted({gi for gi, _ in batch.origin})
+    if parts <= 1 or len(order) <= 1:
         return [batch]
-    chunks = []
-    for p in range(min(parts, len(batch.sequences))):
-        idx = list(range(p, len(batch.sequences), parts))
-        chunks.append(UpdateBatch([batch.sequences[i] for i in idx], [batch.fields[i] for i in idx],
-                                  [batch.prompt_lengths[i] for i in idx], [batch.keep_lengths[i] for i in idx],
-                                  [batch.response_lengths[i] for i in idx], [batch.origin[i] for i in idx],
-                                  dict(batch.counts)))
-    return chunks
+    random.Random(seed).shuffle(order)
+    chunks = [order[p::parts] for p in range(min(parts, len(order)))]
+    return [batch.subset([i for i, (gi, _) in enumerate(batch.origin) if gi in set(chunk)], len(chunk) / len(order))
+            for chunk in chunks]
 
 
-def loss_normalizer(batch: UpdateBatch, aggregation: str) -> float:
-    """The global denominator of the chosen aggregation for this (mini-)batch."""
+def loss_normalizer(batch: UpdateBatch, aggregation: str, normalizer: str = "trained") -> float:
+    """The global denominator of the chosen aggregation for this (mini-)batch (docs/algorithm.md section 6):
+    trained: what the learner trains (its tokens for token-mean, its sequences otherwise);
+    rollout: what GRPO would train on the same groups (every completion's full response tokens / every completion)."""
+    if normalizer == "rollout":
+        return float(max(batch.rollout_tokens if aggregation == "token-mean" else batch.rollout_sequences, 1))
     if aggregation == "token-mean":
         return float(max(batch.tokens, 1))
     return float(max(len(batch.sequences), 1))
@@ -152,7 +173,7 @@ def loss_normalizer(batch: UpdateBatch, aggregation: str) -> float:
 def policy_loss_fn(algo, batch: UpdateBatch):
     """The loss of one optimizer step on `batch` (a mini-batch), as Learner.train_step calls it per micro-batch:
     (log-probs, MicroBatch) -> (loss, token-weighted sums for the step's metrics)."""
-    normalizer = loss_normalizer(batch, algo.aggregation)
+    normalizer = loss_normalizer(batch, algo.aggregation, algo.normalizer)
 
     def loss_fn(logprobs, mb):
         f = mb.fields

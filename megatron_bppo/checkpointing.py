@@ -8,13 +8,22 @@
         megatron_bppo.json          written last: its presence marks the checkpoint complete
     <root>/latest                   name of the newest complete checkpoint (replaced atomically)
 
+    <root>/megatron_bppo.lock       the live run that writes here (host, pid, start time): run_lock.py
+
 A checkpoint is written into `.tmp-iter_XXXXXXX` and renamed after every rank has finished, so a crash
 during a write never leaves a directory that `latest_checkpoint` would pick. Everything is loaded with
 `torch.load(weights_only=True)` or JSON: a checkpoint cannot run code on load.
+
+Resume (`resume_checkpoint`): the newest complete checkpoint (the one `latest` names when it is complete). When the
+directory holds only incomplete ones (an `iter_*` without its marker or files, a `latest` naming a missing or
+incomplete one, as after a full disk) the run refuses to start from step 0 unless checkpoint.allow_fresh_start;
+a `.tmp-iter_*` alone (a write that never finished, nothing was saved) is a normal fresh start. Rotation
+(keep_last) counts and removes complete checkpoints only; incomplete ones are left and reported.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -23,9 +32,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
 from .model.bridge import copy_hf_side_files
-from .platform.cpu_compat import ensure_optimizer_state
+from .platform.cpu_compat import ensure_optimizer_state, in_process_save_results_queue
 
+logger = logging.getLogger(__name__)
 META = "megatron_bppo.json"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}   # the only format that reshards here
 
@@ -43,27 +54,184 @@ def checkpoint_name(step: int) -> str:
     return f"iter_{step:07d}"
 
 
+def _step_of(name: str) -> int:
+    digits = name.rsplit("iter_", 1)[-1]
+    return int(digits) if digits.isdigit() else -1
+
+
+def incomplete_reason(path: str) -> Optional[str]:
+    """Why the checkpoint directory `path` cannot be loaded (None: it is complete). Cheap: file checks only."""
+    if not os.path.isdir(path):
+        return "does not exist"
+    meta = os.path.join(path, META)
+    if not os.path.isfile(meta):
+        return f"no {META} (its write did not finish)"
+    try:
+        with open(meta) as f:
+            if not isinstance(json.load(f), dict):
+                raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        return f"{META} is unreadable or truncated ({e})"
+    for name in (".metadata", "trainer_state.pt"):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file) or os.path.getsize(file) == 0:
+            return f"{name} is missing or empty"
+    return None
+
+
 def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, META))
+    return incomplete_reason(path) is None
+
+
+def scan_checkpoints(root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(complete `iter_*` names, oldest first; [(name, why it is incomplete)]) under root. The `latest` pointer
+    is listed as incomplete when it names a checkpoint that is missing or incomplete."""
+    if not root or not os.path.isdir(root):
+        return [], []
+    complete, incomplete = [], []
+    for name in sorted(os.listdir(root), key=lambda n: (_step_of(n), n)):
+        path = os.path.join(root, name)
+        if name.startswith("iter_") and os.path.isdir(path):
+            why = incomplete_reason(path)
+            if why:
+                incomplete.append((name, why))
+            else:
+                complete.append(name)
+        elif name.startswith(".tmp-iter_") and os.path.isdir(path):
+            incomplete.append((name, "a write that never finished (never renamed: that step was not saved)"))
+    target = _pointer(root)
+    if target is not None and target not in complete:
+        state = "does not exist" if not os.path.isdir(os.path.join(root, target)) else "is incomplete"
+        incomplete.append(("latest", f"names {target!r}, which {state}"))
+    return complete, incomplete
+
+
+def _pointer(root: str) -> Optional[str]:
+    pointer = os.path.join(root, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        return f.read().strip()
 
 
 def latest_checkpoint(root: str) -> Optional[str]:
-    """Newest complete checkpoint directory under root, or None."""
-    if not root or not os.path.isdir(root):
+    """Newest complete checkpoint directory under root (the one `latest` names when that is complete), or None.
+    An incomplete checkpoint is never returned."""
+    complete, _ = scan_checkpoints(root)
+    target = _pointer(root) if complete else None
+    if target in complete:
+        return os.path.join(root, target)
+    return os.path.join(root, complete[-1]) if complete else None
+
+
+def _describe(incomplete: list[tuple[str, str]]) -> str:
+    return "; ".join(f"{name}: {why}" for name, why in incomplete)
+
+
+def _env_rank() -> int:
+    """This rank, also before the process group exists (from the launcher's environment)."""
+    from .distributed import detect_launch
+
+    return dist.get_rank() if dist.is_initialized() else detect_launch().rank
+
+
+def find_resume_checkpoint(root: str, allow_fresh_start: bool = False, log: bool = True) -> Optional[str]:
+    """The checkpoint a resume loads, or None for a fresh start (an empty or missing directory, or one with only
+    `.tmp-iter_*` leftovers). Raises ConfigError when the directory holds checkpoints but none is complete,
+    unless allow_fresh_start (then it warns and returns None)."""
+    complete, incomplete = scan_checkpoints(root)
+    say = logger.warning if log and _env_rank() == 0 else (lambda *a: None)
+    path = latest_checkpoint(root)
+    if path is not None:
+        if incomplete:
+            say("checkpoint.dir=%r: resuming from %s; not usable: %s", root, os.path.basename(path),
+                _describe(incomplete))
+        return path
+    blocking = [(n, why) for n, why in incomplete if not n.startswith(".tmp-")]
+    if not blocking:
+        if incomplete:
+            say("checkpoint.dir=%r: no complete checkpoint, starting at step 0 (ignored: %s)", root,
+                _describe(incomplete))
         return None
-    pointer = os.path.join(root, "latest")
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            candidate = os.path.join(root, f.read().strip())
-        if is_complete(candidate):
-            return candidate
-    done = sorted(d for d in os.listdir(root) if d.startswith("iter_") and is_complete(os.path.join(root, d)))
-    return os.path.join(root, done[-1]) if done else None
+    if allow_fresh_start:
+        say("checkpoint.dir=%r holds no complete checkpoint; starting at step 0 as checkpoint.allow_fresh_start "
+            "asks. Incomplete (left in place; a save at the same step replaces it): %s", root, _describe(incomplete))
+        return None
+    raise ConfigError(
+        f"checkpoint.dir={root!r} holds no complete checkpoint to resume from, only incomplete ones: "
+        f"{_describe(incomplete)}. Starting at step 0 would discard them. Repair or move them away (a disk that "
+        f"filled up? an interrupted copy?), or set checkpoint.allow_fresh_start=true to start at step 0 anyway "
+        f"(or checkpoint.resume=false).")
+
+
+def read_trainer_state(path: str) -> dict:
+    """{'step', 'scheduler', 'extra'} of a complete checkpoint (small; JSON-safe tensors only)."""
+    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+
+
+def check_resume_data(path: str, saved: Optional[dict], current: dict, allow_change: bool = False, log: bool = True):
+    """Refuse (ConfigError) to resume the prompt position `saved` (a PromptSampler state from the checkpoint at
+    `path`) on other train prompts than it was taken on (`current`: this run's sampler state)."""
+    if not saved:
+        return
+    say = logger.warning if log and _env_rank() == 0 else (lambda *a: None)
+    n_saved, n_now = int(saved["num_examples"]), int(current["num_examples"])
+    if n_saved != n_now:
+        raise ConfigError(
+            f"cannot resume {path}: it was taken on {n_saved} train prompts, the data now gives {n_now}. The data "
+            f"position cannot carry over to a dataset of another size"
+            + (" (checkpoint.allow_data_change=true covers only a same-size change)" if allow_change else "")
+            + ": use the data and prompt settings the run started with, or export the checkpoint "
+              "(tools/convert_checkpoint.py mcore-to-hf) and start a new run in another checkpoint.dir from it.")
+    old, new = saved.get("fingerprint"), current.get("fingerprint")
+    if not old or not new:
+        say("%s: no train-prompt fingerprint to compare (a checkpoint written before they were saved); the "
+            "train data is not checked on this resume", path)
+        return
+    if old != new:
+        if allow_change:
+            say("%s: the train prompts changed since this checkpoint (fingerprint %s -> %s); continuing at the saved "
+                "position in the new data as checkpoint.allow_data_change asks", path, old, new)
+            return
+        raise ConfigError(
+            f"cannot resume {path}: the train prompts changed since it was written (same count {n_now}, fingerprint "
+            f"of the rendered prompts and reference answers {old} -> {new}; data files, data.* settings, tokenizer "
+            f"or chat template). Resuming would continue with another prompt order. Use the original data, or set "
+            f"checkpoint.allow_data_change=true to continue at the saved position in the new data.")
+
+
+def resume_checkpoint(ckpt_cfg, sampler_state: dict, log: bool = True) -> Optional[str]:
+    """What a run with checkpoint config `ckpt_cfg` (config.CheckpointConfig) resumes from, checked: None (fresh
+    start) or a complete checkpoint whose train data matches `sampler_state`. Cheap and read-only; every rank
+    calls it before any process group exists, so a refusal (ConfigError) ends every rank the same way."""
+    if not ckpt_cfg.dir or not ckpt_cfg.resume:
+        return None
+    path = find_resume_checkpoint(ckpt_cfg.dir, ckpt_cfg.allow_fresh_start, log=log)
+    if path is not None:
+        saved = read_trainer_state(path).get("extra", {}).get("sampler")
+        check_resume_data(path, saved, sampler_state, ckpt_cfg.allow_data_change, log=log)
+    return path
+
+
+def rotate_checkpoints(root: str, keep_last: int, keep: str = "") -> list[str]:
+    """Remove all but the newest `keep_last` complete checkpoints (never `keep`, the one just written). Incomplete
+    checkpoints are neither counted nor removed: they are named in a warning. Returns the removed names."""
+    complete, incomplete = scan_checkpoints(root)
+    removed = [name for name in complete[:-keep_last] if name != keep] if keep_last > 0 else []
+    for name in removed:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    leftovers = [(n, why) for n, why in incomplete if n != "latest"]
+    if leftovers:
+        logger.warning("checkpoint.dir=%r: left %d incomplete checkpoint(s) in place (not counted by "
+                       "checkpoint.keep_last, never removed automatically): %s", root, len(leftovers),
+                       _describe(leftovers))
+    return removed
 
 
 def read_meta(path: str) -> dict:
-    if not is_complete(path):
-        raise FileNotFoundError(f"{path} is not a complete megatron_bppo checkpoint (no {META}); "
+    why = incomplete_reason(path)
+    if why:
+        raise FileNotFoundError(f"{path} is not a complete megatron_bppo checkpoint ({why}); "
                                 "pass a directory written by tools/convert_checkpoint.py or the trainer")
     with open(os.path.join(path, META)) as f:
         return json.load(f)
@@ -97,7 +265,9 @@ def save_checkpoint(root: str, step: int, models, optimizer=None, scheduler=None
     if optimizer is not None:
         ensure_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIM_METADATA)
-    dist_checkpointing.save(state, tmp, content_metadata=OPTIM_METADATA)
+    # synchronous save, without megatron-core's per-rank multiprocessing Manager (it would outlive a killed rank)
+    with in_process_save_results_queue():
+        dist_checkpointing.save(state, tmp, content_metadata=OPTIM_METADATA)
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
@@ -114,15 +284,15 @@ def save_checkpoint(root: str, step: int, models, optimizer=None, scheduler=None
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=2)
         if os.path.isdir(final):
+            why = incomplete_reason(final)
+            if why:
+                logger.warning("replacing the incomplete checkpoint %s (%s) with a complete one", final, why)
             shutil.rmtree(final)
         os.replace(tmp, final)
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(name)
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-        if keep_last > 0:
-            done = sorted(d for d in os.listdir(root) if d.startswith("iter_"))
-            for old in done[:-keep_last]:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        rotate_checkpoints(root, keep_last, keep=name)
     _barrier()
     return final
 

@@ -35,7 +35,10 @@ def main(argv=None) -> int:
             import json
             print(json.dumps(cfg.to_dict(), indent=2, default=str))
             return 0
+        from .distributed import bind_to_launcher
         from .trainer import train as run_training
+
+        bind_to_launcher()              # a rank under torchrun / srun dies with its launcher, from the start
 
         return run_training(cfg)
     except ConfigError as e:

@@ -1,7 +1,8 @@
 """Scheduled rollout rounds: prompts -> engine samples -> rewards -> scored groups.
 
     prompts --(AdaptiveScheduler.plan_first_round: n_init each, skip uniformly solved/unsolved prompts)
-      --(engine.generate, one call per round)--> completions --(reward fn)--> rewards, correct
+      --(engine.generate, one call per round)--> completions --(score_once: reward fn, each completion on one rank,
+      shared)--> rewards, correct
       --(plan_next_round: more samples only for still single-class groups, up to g_max)--> ... repeat
       --(prompts_needed: draw more prompts while too few groups are mixed)--> ... repeat
     -> [Group] (every sampled completion of every planned prompt) + the scheduler's decision counters.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from typing import Callable, Optional
+
+import torch.distributed as dist
 
 from .algorithms import SCHEDULER_COUNTERS, AdaptiveScheduler, run_schedule
 from .batch import Group
@@ -26,6 +29,28 @@ def sampling_schedule(algo) -> AdaptiveScheduler:
     return AdaptiveScheduler(n_init=algo.n_init, g_max=algo.group_size, n_step=algo.n_step,
                              skip_after=algo.skip_after, skip_cooldown=algo.skip_cooldown,
                              target_pairs=algo.target_pairs, max_prompt_draw_factor=algo.max_prompt_draw_factor)
+
+
+def score_once(reward_fn, pairs: list[tuple[str, str]], reward_kwargs: dict) -> list[tuple[float, bool]]:
+    """(completion text, reference) -> (score, correct), each pair scored exactly once over all ranks and shared.
+
+    Every rank must agree on every reward (they decide selection, the schedule and micro-batch counts: ranks that
+    disagree hang or silently diverge), but math verification has wall-clock timeouts that count as wrong, so a
+    slow rank could score differently. So rank r scores pairs r, r + W, ... and all_gather_object shares them
+    (collective: every rank calls this with the same pairs)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [(s.score, bool(s.correct)) for s in score_batch(reward_fn, [t for t, _ in pairs],
+                                                                 [r for _, r in pairs], **reward_kwargs)]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = pairs[rank::world]
+    local = [(s.score, bool(s.correct)) for s in score_batch(reward_fn, [t for t, _ in mine], [r for _, r in mine],
+                                                              **reward_kwargs)]
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    out: list = [None] * len(pairs)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
 
 
 @dataclasses.dataclass
@@ -44,6 +69,9 @@ def collect_groups(engine, schedule, prompts: list, sampling, reward_fn, reward_
 
     def register(rendered):
         for r in rendered:
+            if r.example.id in by_id:       # the sampler never repeats an index within a step: repeated ids
+                raise ValueError(f"prompt id {r.example.id!r} twice in one step: the dataset repeats ids; "
+                                 "give every row a unique id")
             by_id[r.example.id] = Group(r.example.id, list(r.token_ids), r.example.reference)
         return [r.example.id for r in rendered]
 
@@ -57,15 +85,16 @@ def collect_groups(engine, schedule, prompts: list, sampling, reward_fn, reward_
         results = engine.generate([by_id[p].prompt_ids for p in ids], [plan[p] for p in ids], call_sampling)
         rounds += 1
         started = time.perf_counter()
+        scores = iter(score_once(reward_fn, [(c.text, by_id[pid].reference) for pid, cs in zip(ids, results)
+                                             for c in cs], reward_kwargs))
         new = {}
         for pid, completions in zip(ids, results):
             group = by_id[pid]
-            scored = score_batch(reward_fn, [c.text for c in completions], [group.reference] * len(completions),
-                                 **reward_kwargs)
+            scored = [next(scores) for _ in completions]
             group.completions += completions
-            group.rewards += [s.score for s in scored]
-            group.correct += [bool(s.correct) for s in scored]
-            new[pid] = (sum(s.correct for s in scored), len(completions))
+            group.rewards += [score for score, _ in scored]
+            group.correct += [correct for _, correct in scored]
+            new[pid] = (sum(correct for _, correct in scored), len(completions))
         reward_seconds += time.perf_counter() - started
         return new
 

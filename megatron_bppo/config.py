@@ -40,7 +40,7 @@ class ParallelConfig:
     pp: int = 1                          # pipeline-model-parallel size
     dp: Optional[int] = None             # data-parallel size; None = world_size / (tp * pp)
     backend: str = "auto"                # auto | nccl | gloo
-    timeout_s: int = 600                 # process-group timeout
+    timeout_s: Optional[int] = None      # process-group timeout (s); None: 600 on CPU (gloo), 1800 on GPU (NCCL)
 
     def validate(self):
         for key in ("tp", "pp"):
@@ -49,6 +49,8 @@ class ParallelConfig:
         if self.dp is not None and self.dp < 1:
             raise ConfigError(f"parallel.dp={self.dp}: must be >= 1 (or null to derive it from the world size)")
         _choice("parallel.backend", self.backend, ("auto", "nccl", "gloo"))
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ConfigError(f"parallel.timeout_s={self.timeout_s}: must be > 0 (seconds a collective may wait)")
 
 
 @dataclass
@@ -66,15 +68,32 @@ class OptimConfig:
     use_distributed_optimizer: bool = True
 
     def validate(self):
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise ConfigError(f"optim.lr={self.lr}: must be > 0")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optim.min_lr={self.min_lr}: must be in [0, optim.lr={self.lr}]")
-        if self.clip_grad < 0:
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay}: must be >= 0 (0 disables it)")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key}={getattr(self, key)}: must be in [0, 1)")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"optim.adam_eps={self.adam_eps}: must be > 0 (it keeps Adam's update finite where "
+                              "the second moment is 0), e.g. 1e-8")
+        if not self.clip_grad >= 0:
             raise ConfigError(f"optim.clip_grad={self.clip_grad}: must be >= 0 (0 disables clipping)")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0 (0: no warm-up)")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ConfigError(f"optim.decay_steps={self.decay_steps}: must be >= 1 (or null for a constant LR "
+                              "after warm-up)")
         _choice("optim.decay_style", self.decay_style, ("constant", "linear", "cosine"))
         if self.decay_style != "constant" and not self.decay_steps:
             raise ConfigError(f"optim.decay_style={self.decay_style} needs optim.decay_steps > 0")
+        if self.decay_style != "constant" and self.decay_steps <= self.warmup_steps:
+            raise ConfigError(f"optim.decay_steps={self.decay_steps}: must be > optim.warmup_steps="
+                              f"{self.warmup_steps} with optim.decay_style={self.decay_style} (decay_steps counts "
+                              "optimizer steps from the start, warm-up included): raise decay_steps")
 
 
 @dataclass
@@ -85,6 +104,11 @@ class LearnerConfig:
     recompute: bool = False              # full activation recomputation
 
     def validate(self):
+        if self.max_seq_len < 2:
+            raise ConfigError(f"learner.max_seq_len={self.max_seq_len}: must be >= 2 (a training sequence is at "
+                              "least a prompt token and a target)")
+        if self.micro_batch_tokens < 1:
+            raise ConfigError(f"learner.micro_batch_tokens={self.micro_batch_tokens}: must be >= 1")
         if self.micro_batch_tokens < self.max_seq_len:
             raise ConfigError(
                 f"learner.micro_batch_tokens={self.micro_batch_tokens} < learner.max_seq_len={self.max_seq_len}: "
@@ -95,8 +119,18 @@ class LearnerConfig:
 class CheckpointConfig:
     dir: str = ""                        # Megatron dist-checkpoint root; "" disables saving
     save_interval: int = 0               # steps between saves; 0 = only at the end
-    keep_last: int = 2
+    keep_last: int = 2                   # complete checkpoints kept (0: all); incomplete ones are never removed
     resume: bool = True                  # resume from the latest complete checkpoint under dir
+    allow_fresh_start: bool = False      # start at step 0 although dir holds only incomplete checkpoints
+    allow_data_change: bool = False      # resume although the rendered train prompts changed (same count)
+    break_lock: bool = False             # take dir's lock although its owner may be alive (one-off, on the
+                                         # command line: two live runs in one dir overwrite each other)
+
+    def validate(self):
+        if self.save_interval < 0:
+            raise ConfigError(f"checkpoint.save_interval={self.save_interval}: must be >= 0 (0: only at the end)")
+        if self.keep_last < 0:
+            raise ConfigError(f"checkpoint.keep_last={self.keep_last}: must be >= 0 (0: keep every checkpoint)")
 
 
 @dataclass
@@ -105,10 +139,10 @@ class AlgorithmConfig:
     name: str = "bppo"                   # grpo | bppo: picks the defaults of selector / prefix / adaptive
     advantage: str = "grpo"              # grpo (mean/std over the full group) | drgrpo (no std division)
     adv_eps: float = 1e-6
-    reward_type: str = "binary"          # binary (correct = reward > 0.5) | graded (correct = reward >= threshold)
-    correct_threshold: Optional[float] = None
-    selector: str = "auto"               # auto (grpo: all, bppo: binary) | all | binary | max_variance_pairs
-    pair_weighting: str = "none"         # none | class_total
+    selector: str = "auto"               # auto (grpo: all, bppo: binary) | all | binary | random_pair |
+                                         # max_variance_pairs (correct = the reward function's `correct` flag)
+    pair_weighting: str = "none"         # none | class_total | contrast (docs/algorithm.md section 3)
+    normalizer: str = "trained"          # loss denominator: trained (tokens / sequences trained) | rollout (GRPO's)
     prefix: str = "auto"                 # auto (grpo: full, bppo: ratio) | ratio | fixed | full
     prefix_ratio: float = 0.5
     prefix_tokens: Optional[int] = None
@@ -148,22 +182,59 @@ class AlgorithmConfig:
 
         _choice("algorithm.name", self.name, ("grpo", "bppo"))
         _choice("algorithm.advantage", self.advantage, ("grpo", "drgrpo"))
-        _choice("algorithm.reward_type", self.reward_type, ("binary", "graded"))
         _choice("algorithm.selector", self.selector, ("auto", *SELECTORS))
         _choice("algorithm.pair_weighting", self.pair_weighting, PAIR_WEIGHTINGS)
+        _choice("algorithm.normalizer", self.normalizer, ("trained", "rollout"))
         _choice("algorithm.prefix", self.prefix, ("auto", "ratio", "fixed", "full"))
         _choice("algorithm.aggregation", self.aggregation, AGGREGATIONS)
         _choice("algorithm.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _choice("algorithm.rollout_is", self.rollout_is, ("none", "truncated"))
-        if self.reward_type == "graded" and self.correct_threshold is None:
-            raise ConfigError("algorithm.reward_type=graded needs algorithm.correct_threshold")
         if self.group_size < 2:
             raise ConfigError(f"algorithm.group_size={self.group_size}: a group needs >= 2 completions")
         if self.is_adaptive() and not 1 <= self.n_init <= self.group_size:
             raise ConfigError(f"algorithm.n_init={self.n_init}: must be in [1, group_size={self.group_size}]")
-        if self.epochs < 1 or self.mini_batches < 1:
-            raise ConfigError("algorithm.epochs and algorithm.mini_batches must be >= 1")
+        for key in ("epochs", "mini_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"algorithm.{key}={getattr(self, key)}: must be >= 1")
+        if not self.adv_eps >= 0:
+            raise ConfigError(f"algorithm.adv_eps={self.adv_eps}: must be >= 0")
+        if not 0 <= self.clip_low < 1:
+            raise ConfigError(f"algorithm.clip_low={self.clip_low}: must be in [0, 1) (the ratio's floor is "
+                              "1 - clip_low)")
+        if not self.clip_high >= 0:
+            raise ConfigError(f"algorithm.clip_high={self.clip_high}: must be >= 0 (the ratio's ceiling is "
+                              "1 + clip_high)")
+        if not self.kl_coef >= 0:
+            raise ConfigError(f"algorithm.kl_coef={self.kl_coef}: must be >= 0 (0 disables the KL penalty)")
+        if self.norm_constant is not None and not self.norm_constant > 0:
+            raise ConfigError(f"algorithm.norm_constant={self.norm_constant}: must be > 0 (or null)")
+        if self.aggregation == "token-sum-norm" and self.norm_constant is None:
+            raise ConfigError("algorithm.aggregation=token-sum-norm needs algorithm.norm_constant > 0 (e.g. "
+                              "sampling.max_tokens), got null")
+        if not self.rollout_is_cap >= 1:
+            raise ConfigError(f"algorithm.rollout_is_cap={self.rollout_is_cap}: must be >= 1 (a cap below 1 "
+                              "would also shrink the weight of on-policy tokens, whose ratio is 1)")
+        self._validate_schedule()
         self._validate_prefix()
+
+    def _validate_schedule(self):
+        """The adaptive-scheduling fields (collect.sampling_schedule -> algorithms.AdaptiveScheduler)."""
+        from .algorithms import SCHEDULER_HISTORY_WINDOW as history   # collect.sampling_schedule keeps the default
+
+        if self.n_step < 1:
+            raise ConfigError(f"algorithm.n_step={self.n_step}: must be >= 1")
+        if not 0 <= self.skip_after <= history:
+            raise ConfigError(f"algorithm.skip_after={self.skip_after}: must be in [0, {history}] (0 disables "
+                              f"skipping; the scheduler keeps each prompt's last {history} outcomes)")
+        if self.skip_cooldown < 1:
+            raise ConfigError(f"algorithm.skip_cooldown={self.skip_cooldown}: must be >= 1 (skipped offers before "
+                              "a skipped prompt is tried again; to stop skipping set algorithm.skip_after=0)")
+        if self.target_pairs is not None and self.target_pairs < 1:
+            raise ConfigError(f"algorithm.target_pairs={self.target_pairs}: must be >= 1 (or null to draw no "
+                              "extra prompts)")
+        if not self.max_prompt_draw_factor >= 1:
+            raise ConfigError(f"algorithm.max_prompt_draw_factor={self.max_prompt_draw_factor}: must be >= 1 "
+                              "(the most prompts a step may draw, as a multiple of data.prompts_per_step)")
 
     def _validate_prefix(self):
         """The prefix fields, key by key (algorithms.PrefixRule checks the same invariants on its own inputs)."""
@@ -235,6 +306,9 @@ class RolloutConfig:
                               f"{', '.join(LOGPROBS_MODES)}")
         if self.logprob_mismatch_warn < 0:
             raise ConfigError(f"rollout.logprob_mismatch_warn={self.logprob_mismatch_warn}: must be >= 0")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"rollout.seed={self.seed}: must be in [0, 2**32 - 1] (vLLM seeds NumPy with "
+                              "rollout.seed + the replica index)")
         return self
 
 
@@ -282,13 +356,23 @@ class DataConfig:
     system_prompt: Optional[str] = None  # None keeps the chat template's default
     instruction: str = "direct"          # direct | cot | gsm8k | boxed | none | any literal text
     instruction_position: str = "prefix" # prefix | suffix (relative to the question)
-    on_too_long: str = "error"           # error | skip (prompts longer than max_model_len - sampling.max_tokens)
+    on_too_long: str = "error"           # error | skip (prompts over the budget: data/prompts.py prompt_budget)
 
     def validate(self):
         if self.prompts_per_step < 1:
             raise ConfigError(f"data.prompts_per_step={self.prompts_per_step}: must be >= 1")
         _choice("data.instruction_position", self.instruction_position, ("prefix", "suffix"))
         _choice("data.on_too_long", self.on_too_long, ("error", "skip"))
+        if not self.train:
+            raise ConfigError("data.train is empty: give a jsonl / parquet file or arithmetic:<preset>")
+        if self.train_size is not None and self.train_size < 1:
+            raise ConfigError(f"data.train_size={self.train_size}: must be >= 1 (or null: a generated task's "
+                              "default size, a file's every row)")
+        if self.eval_size < 1:
+            raise ConfigError(f"data.eval_size={self.eval_size}: must be >= 1")
+        if self.train_size is not None and self.prompts_per_step > self.train_size:
+            raise ConfigError(f"data.prompts_per_step={self.prompts_per_step} > data.train_size={self.train_size}: "
+                              "a step draws distinct prompts; lower prompts_per_step or raise train_size")
 
 
 @dataclass
@@ -303,6 +387,12 @@ class EvalConfig:
     samples: int = 4                     # k of mean@k (sampled at sampling.temperature); pass@1 is greedy
     at_start: bool = True
 
+    def validate(self):
+        if self.interval < 0:
+            raise ConfigError(f"eval.interval={self.interval}: must be >= 0 (0: only before and after training)")
+        if self.samples < 0:
+            raise ConfigError(f"eval.samples={self.samples}: must be >= 0 (0: no sampled mean@k, greedy pass@1 only)")
+
 
 @dataclass
 class TrainConfig:
@@ -311,6 +401,10 @@ class TrainConfig:
     tensorboard: bool = True
     wandb_project: str = ""              # "" disables Weights & Biases
     dump_batches: bool = False           # write each step's groups and learner sequences to run_dir/batches
+
+    def validate(self):
+        if self.steps < 0:
+            raise ConfigError(f"train.steps={self.steps}: must be >= 0 (0 only evaluates the starting model)")
 
 
 @dataclass
@@ -342,6 +436,7 @@ class Config:
         if self.sampling.max_tokens >= self.rollout.max_model_len:
             raise ConfigError(f"sampling.max_tokens={self.sampling.max_tokens} leaves no room for the prompt in "
                               f"rollout.max_model_len={self.rollout.max_model_len}: raise max_model_len")
+        self._validate_prompt_budget()
         if self.sampling.temperature == 0:
             raise ConfigError("sampling.temperature=0 is greedy: every completion of a group would be the same; "
                               "training needs a sampling temperature > 0 (evaluation is greedy on its own)")
@@ -349,6 +444,22 @@ class Config:
             raise ConfigError(f"model.path={self.model.path!r} is not a directory: point it at a Hugging Face "
                               "checkpoint directory (config.json + *.safetensors)")
         return self
+
+    def _validate_prompt_budget(self):
+        """Drawing more prompts (algorithm.target_pairs) takes distinct prompts: at most
+        floor(max_prompt_draw_factor * prompts_per_step) per step, which the training set must hold."""
+        import math
+
+        algo, data = self.algorithm, self.data
+        if not (algo.is_adaptive() and algo.target_pairs is not None and data.train_size is not None):
+            return
+        most = math.floor(algo.max_prompt_draw_factor * data.prompts_per_step)
+        if most > data.train_size:
+            raise ConfigError(
+                f"data.train_size={data.train_size} < {most}, the most distinct prompts a step may draw with "
+                f"algorithm.target_pairs={algo.target_pairs} (algorithm.max_prompt_draw_factor="
+                f"{algo.max_prompt_draw_factor} x data.prompts_per_step={data.prompts_per_step}): raise "
+                "data.train_size or lower max_prompt_draw_factor / prompts_per_step")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -3,21 +3,38 @@
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under `srun` (one task per GPU)
 we read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and take MASTER_ADDR from the first host of
 SLURM_JOB_NODELIST and MASTER_PORT from the job id. Without either, a single process (world size 1).
+
+A rank dies with its launcher (`bind_to_launcher`, called first in `init_distributed`): torchrun starts every
+worker in a session of its own, so `kill -9` of torchrun (or of its process group) left the workers running,
+orphaned, in the run's checkpoint directory. Each rank started by torchrun or srun asks the kernel for SIGKILL
+when its parent exits (Linux PR_SET_PDEATHSIG; elsewhere a thread polls getppid() every second), and every
+process the rank then forks from its main thread dies with the rank the same way. docs/operations.md, "When
+a process is killed".
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
+import logging
 import os
 import re
+import signal
 import socket
 import sys
+import threading
+import time
+from collections import Counter
 from dataclasses import dataclass
+from math import gcd
+from typing import Mapping, Optional, Sequence
 
 import torch.distributed as dist
 
 from .config import ParallelConfig
 from .errors import ConfigError
-from .platform import init_platform
+from .platform import init_platform, uses_cuda
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,16 +128,265 @@ def check_layout(world_size: int, parallel: ParallelConfig, num_heads: int | Non
     return dp
 
 
+# ------------------------------------------------------------------------------------- network and timeouts
+def gloo_ifname_from_nccl(nccl_ifname: str, interfaces: Sequence[str]) -> Optional[str]:
+    """The interface gloo should bind to, given NCCL_SOCKET_IFNAME and this host's interfaces, or None when it
+    cannot be told. NCCL reads a list of name *prefixes* ("ib" matches ib0), "=" before the list for exact names,
+    "^" for a list to exclude; gloo (GLOO_SOCKET_IFNAME, read by torch's ProcessGroupGloo constructor for every
+    gloo group) wants exact interface names, one gloo device each. So: the first of `interfaces` that the
+    first matching entry names; None for an exclusion list ("^lo,docker0": which interface NCCL then picks is
+    NCCL's own choice) or when nothing here matches."""
+    spec = nccl_ifname.strip()
+    if not spec or spec.startswith("^"):
+        return None
+    exact = spec.startswith("=")
+    for entry in filter(None, (e.strip() for e in spec.lstrip("=").split(","))):
+        for name in interfaces:
+            if name == entry or (not exact and name.startswith(entry)):
+                return name
+    return None
+
+
+def _interfaces() -> list[str]:
+    """This host's network interfaces that are up (psutil, a vLLM dependency), else every one the kernel lists."""
+    try:
+        import psutil
+
+        stats = psutil.net_if_stats()
+        return [name for name in psutil.net_if_addrs() if name not in stats or stats[name].isup]
+    except Exception:  # noqa: BLE001 -- psutil missing or unreadable: the kernel's list
+        return [name for _, name in socket.if_nameindex()]
+
+
+def set_gloo_socket_ifname(env=None) -> Optional[str]:
+    """GLOO_SOCKET_IFNAME from NCCL_SOCKET_IFNAME when only the latter is set. gloo sockets -- megatron-core's
+    data-parallel gloo groups (parallel_state.py create_group(..., backend="gloo")), vLLM's CPU groups, the whole
+    world on CPU -- otherwise bind to whatever the hostname resolves to, e.g. a management network or nothing
+    reachable. Must run before any process group exists (the variable is read when a gloo group is created).
+    Returns the value set, or None (already set, nothing to derive from, or no match: then a warning)."""
+    env = os.environ if env is None else env
+    nccl = env.get("NCCL_SOCKET_IFNAME", "").strip()
+    if not nccl or env.get("GLOO_SOCKET_IFNAME", "").strip():
+        return None
+    name = gloo_ifname_from_nccl(nccl, _interfaces())
+    if name is None:
+        logger.warning("NCCL_SOCKET_IFNAME=%s names no interface of %s that gloo could use (gloo needs an exact "
+                       "interface name, not an exclusion list or a prefix without a match): set GLOO_SOCKET_IFNAME "
+                       "too, or gloo groups bind to the interface the hostname resolves to", nccl,
+                       socket.gethostname())
+        return None
+    env["GLOO_SOCKET_IFNAME"] = name
+    return name
+
+
+CPU_TIMEOUT_S = 600         # parallel.timeout_s when not set, CPU (gloo)
+GPU_TIMEOUT_S = 1800        # ... GPU (NCCL): megatron-core's own default for its groups (30 min)
+
+
+def process_group_timeout_s(parallel: ParallelConfig, cuda: Optional[bool] = None) -> int:
+    """Seconds a collective on the default process group may wait: parallel.timeout_s when set, otherwise
+    GPU_TIMEOUT_S on a CUDA platform and CPU_TIMEOUT_S on CPU (`cuda` defaults to platform.uses_cuda()).
+    Replicas wait on the default group while another replica still samples (rollout gather) and while rank 0
+    finishes a checkpoint; with TORCH_NCCL_ASYNC_ERROR_HANDLING=1 a timeout there kills the job. Megatron's
+    TP/PP/DP groups use initialize_model_parallel's distributed_timeout_minutes (30) whatever this is."""
+    if getattr(parallel, "timeout_s", None) is not None:
+        return int(parallel.timeout_s)
+    return GPU_TIMEOUT_S if (uses_cuda() if cuda is None else cuda) else CPU_TIMEOUT_S
+
+
+# ------------------------------------------------------------------------------------- TP groups within a node
+_RANK_HOSTS: Optional[list[str]] = None
+
+
+def rank_hosts() -> list[str]:
+    """The host name of every rank (index: global rank). One all_gather_object per world, on first call
+    (init_distributed makes it), cached until destroy_distributed; every rank must call it together then."""
+    global _RANK_HOSTS
+    if not dist.is_initialized():
+        return [socket.gethostname()]
+    world = dist.get_world_size()
+    if _RANK_HOSTS is None or len(_RANK_HOSTS) != world:
+        hosts: list = [None] * world
+        dist.all_gather_object(hosts, socket.gethostname())
+        _RANK_HOSTS = [str(h) for h in hosts]
+    return list(_RANK_HOSTS)
+
+
+def tp_groups_across_nodes(hosts: Sequence[str], tp: int) -> list[tuple[list[int], list[str]]]:
+    """The groups of `tp` consecutive ranks (a Megatron TP group under its default order tp-cp-ep-dp-pp; a rollout
+    engine replica) whose ranks are on more than one host: [(ranks, their hosts)]. `hosts[r]`: rank r's host."""
+    out = []
+    for start in range(0, len(hosts) - tp + 1, tp):
+        ranks = list(range(start, start + tp))
+        names = [hosts[r] for r in ranks]
+        if len(set(names)) > 1:
+            out.append((ranks, names))
+    return out
+
+
+def check_tp_within_node(key: str, tp: int, hosts: Sequence[str], strict: bool = True) -> None:
+    """Tensor parallelism all-reduces every layer: a TP group that spans nodes runs it over the network (and
+    vLLM's custom all-reduce refuses it). Raises ConfigError naming `key` (parallel.tp / rollout.tp), the groups,
+    their hosts and the fix; with strict=False (CPU, gloo: no intra-node fast path to lose) it only warns."""
+    if tp <= 1:
+        return
+    bad = tp_groups_across_nodes(hosts, tp)
+    if not bad:
+        return
+    per_node = list(Counter(hosts).values())        # ranks per host, in rank order
+    common = 0
+    for n in per_node:
+        common = gcd(common, n)
+    fits = [d for d in range(1, common + 1) if common % d == 0]
+    shown = "; ".join(f"ranks {r[0]}-{r[-1]} on {', '.join(dict.fromkeys(h))}" for r, h in bad[:4])
+    more = f" (and {len(bad) - 4} more)" if len(bad) > 4 else ""
+    message = (f"{key}={tp}: {len(bad)} tensor-parallel group(s) span more than one node: {shown}{more}. Ranks are "
+               f"placed node-major ({'/'.join(map(str, per_node))} rank(s) on the {len(per_node)} node(s)), so a "
+               f"group of {tp} consecutive ranks stays in one node only when {key} divides the ranks (GPUs) per "
+               f"node: choose {key} in {fits}, or launch a multiple of {tp} ranks per node")
+    if strict:
+        raise ConfigError(message)
+    logger.warning("%s (allowed on CPU, where gloo has no intra-node fast path)", message)
+
+
+# ------------------------------------------------------------------------------------- dying with the launcher
+EXIT_WITH_LAUNCHER_ENV = "MEGATRON_BPPO_EXIT_WITH_LAUNCHER"     # "0": do not bind (see bind_to_launcher)
+_PR_SET_PDEATHSIG, _PR_GET_PDEATHSIG = 1, 2
+# The parent as early as this process can see it: the launcher, unless it died before this module was imported.
+_PARENT_AT_IMPORT = os.getppid()
+_BOUND: Optional[str] = None
+_FORK_PARENT: tuple[int, bool] = (0, False)      # (pid, forking from the main thread), set just before each fork
+_PRCTL = None          # libc's prctl, looked up once (so that a forked child calls it without dlopen)
+
+
+def _prctl(option: int, arg: int) -> bool:
+    global _PRCTL
+    if not sys.platform.startswith("linux"):
+        return False
+    if _PRCTL is None:
+        try:
+            _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            _PRCTL = False
+            return False
+        _PRCTL.restype = ctypes.c_int
+        _PRCTL.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    return bool(_PRCTL) and _PRCTL(option, arg, 0, 0, 0) == 0
+
+
+def parent_death_signal() -> Optional[int]:
+    """The signal this process gets when its parent exits (0: none); None where prctl is not available."""
+    value = ctypes.c_int(0)
+    return value.value if _prctl(_PR_GET_PDEATHSIG, ctypes.addressof(value)) else None
+
+
+def _parent_gone(what: str, parent: int):
+    try:
+        sys.stderr.write(f"megatron-bppo: {what} (pid {parent}) is gone; pid {os.getpid()} exits with it\n")
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 -- stderr may be a pipe nobody reads any more
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _watch_parent(parent: int, what: str, interval: float):
+    while os.getppid() == parent:
+        time.sleep(interval)
+    _parent_gone(what, parent)
+
+
+def die_with_parent(parent: int, what: str = "the parent process", poll_s: float = 1.0) -> str:
+    """SIGKILL this process as soon as `parent` (its parent when this process started) exits.
+
+    Linux: PR_SET_PDEATHSIG. The kernel sends the signal when the *thread* that forked this process exits, so the
+    parent must have forked it from a thread that lives as long as the parent itself (torchrun: its main thread,
+    see bind_to_launcher). Not inherited by this process's own children (cleared on fork), kept across execve.
+    The parent may have died before the call: then this process already has another parent (init or a
+    subreaper) and dies at once. Elsewhere (no prctl) a daemon thread polls getppid() every `poll_s` seconds.
+    Returns the mechanism: "prctl" or "watchdog"."""
+    mechanism = "prctl" if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) else "watchdog"
+    if os.getppid() != parent:
+        _parent_gone(what, parent)
+    if mechanism == "watchdog":
+        threading.Thread(target=_watch_parent, args=(parent, what, poll_s), daemon=True,
+                         name="megatron_bppo-parent-watch").start()
+    return mechanism
+
+
+def _launcher_of(env: Mapping[str, str]) -> Optional[str]:
+    """The launcher that is this process's parent, when it is one we know: torchrun's elastic agent (it sets
+    TORCHELASTIC_RUN_ID and starts workers itself) or Slurm (srun: slurmstepd or the task's shell; a batch
+    script: its shell). None otherwise (a plain process, or RANK/WORLD_SIZE set by something else)."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun" if "TORCHELASTIC_RUN_ID" in env else None
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return "srun"
+    return None
+
+
+def _note_fork_parent():
+    global _FORK_PARENT
+    _FORK_PARENT = (os.getpid(), threading.current_thread() is threading.main_thread())
+
+
+def _bind_forked_child():
+    parent, from_main_thread = _FORK_PARENT
+    # a fork from another thread would die when that thread ends, not with the rank: left unbound
+    if parent and from_main_thread:
+        die_with_parent(parent, "its rank")
+
+
+def bind_to_launcher(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """Make this rank die with its launcher, and what it forks die with it. Idempotent; returns the mechanism
+    ("prctl" / "watchdog") or None when not bound.
+
+    Bound only when the parent is a launcher that supervises the rank (`_launcher_of`): torchrun starts each
+    worker with subprocess.Popen(start_new_session=True) from the thread that runs the agent's monitor loop,
+    its main thread (torch 2.13: elastic/multiprocessing/subprocess_handler/subprocess_handler.py:63-76 and
+    api.py:949-962, called from LocalElasticAgent._start_workers, agent/server/api.py:906-970, inside
+    launch_agent -> agent.run(), launcher/api.py:374), so that thread lives as long as torchrun. Under srun the
+    parent is slurmstepd (which forks tasks from its job_manager, in its main thread) or, with
+    slurm/train.sbatch, the task's bash, which waits for the rank. A plain `python -m megatron_bppo.cli` is not
+    bound (its parent is a shell, and nohup / a closed terminal must not end it). MEGATRON_BPPO_EXIT_WITH_LAUNCHER=0
+    turns it off, e.g. when a wrapper script sits between torchrun and the rank (then the wrapper is the parent).
+
+    What the rank forks from its main thread afterwards -- megatron-core's checkpoint writer processes, fork-started
+    multiprocessing helpers -- is bound to the rank by an at-fork hook (the setting itself is not inherited).
+    Processes started by fork+exec (subprocess, multiprocessing "spawn") are not covered: they run no Python
+    between fork and exec; checkpointing.save_checkpoint avoids the one such helper megatron-core would start."""
+    global _BOUND
+    env = os.environ if env is None else env
+    if _BOUND is not None:
+        return _BOUND
+    if env.get(EXIT_WITH_LAUNCHER_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    launcher = _launcher_of(env)
+    if launcher is None:
+        return None
+    _BOUND = die_with_parent(_PARENT_AT_IMPORT, f"its launcher ({launcher})")
+    os.register_at_fork(before=_note_fork_parent, after_in_child=_bind_forked_child)
+    return _BOUND
+
+
 def init_distributed(parallel: ParallelConfig, model_dims: dict | None = None, seed: int = 1234):
-    """Start torch.distributed (if needed) and Megatron parallel_state. Returns (LaunchEnv, Platform)."""
+    """Start torch.distributed (if needed) and Megatron parallel_state. Returns (LaunchEnv, Platform).
+    First binds this rank to its launcher (bind_to_launcher): every process that joins a process group goes
+    through here, the trainer, tools/convert_checkpoint.py and the bench / test workers alike. Before any group:
+    GLOO_SOCKET_IFNAME from NCCL_SOCKET_IFNAME (set_gloo_socket_ifname). Then the host of every rank, gathered
+    once (rank_hosts): a Megatron TP group must stay in one node (check_tp_within_node; CPU: a warning)."""
+    bind_to_launcher()
+    set_gloo_socket_ifname()
     launch = detect_launch()
     check_layout(launch.world_size, parallel, **(model_dims or {}))
     platform = init_platform(parallel.backend, launch.local_rank)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", launch.master_addr)
         os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+        timeout = process_group_timeout_s(parallel, platform.is_cuda)
         dist.init_process_group(platform.backend, rank=launch.rank, world_size=launch.world_size,
-                                timeout=datetime.timedelta(seconds=parallel.timeout_s))
+                                timeout=datetime.timedelta(seconds=timeout))
+    if dist.get_world_size() > 1:
+        check_tp_within_node("parallel.tp", parallel.tp, rank_hosts(), strict=platform.is_cuda)
     from megatron.core import parallel_state, tensor_parallel
 
     if not parallel_state.model_parallel_is_initialized():
@@ -131,7 +397,10 @@ def init_distributed(parallel: ParallelConfig, model_dims: dict | None = None, s
 
 
 def destroy_distributed():
+    global _RANK_HOSTS
     from megatron.core import parallel_state
+
+    _RANK_HOSTS = None
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -153,5 +422,7 @@ def barrier():
         dist.barrier()
 
 
-__all__ = ["LaunchEnv", "expand_nodelist", "detect_launch", "check_layout", "init_distributed",
+__all__ = ["LaunchEnv", "expand_nodelist", "detect_launch", "check_layout", "init_distributed", "bind_to_launcher",
+           "die_with_parent", "parent_death_signal", "gloo_ifname_from_nccl", "set_gloo_socket_ifname",
+           "process_group_timeout_s", "rank_hosts", "tp_groups_across_nodes", "check_tp_within_node",
            "destroy_distributed", "is_rank0", "print_rank0", "barrier"]

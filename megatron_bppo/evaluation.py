@@ -2,23 +2,21 @@
 
     held-out prompts --(engine.generate: greedy, 1 sample)--> pass@1 accuracy, mean / median length
                      --(engine.generate: sampling temperature, k samples)--> mean@k accuracy
+    (each completion is scored on one rank and the verdicts shared: collect.score_once)
 """
 from __future__ import annotations
 
 import dataclasses
 import statistics
 
-from .rewards import score_batch
+from .collect import score_once
 
 
 def _score(completions, prompts, reward_fn, reward_kwargs):
-    correct, lengths = [], []
-    for rendered, samples in zip(prompts, completions):
-        scored = score_batch(reward_fn, [c.text for c in samples], [rendered.example.reference] * len(samples),
-                             **reward_kwargs)
-        correct += [bool(s.correct) for s in scored]
-        lengths += [len(c.token_ids) for c in samples]
-    return correct, lengths
+    """Correct flags (scored once over all ranks, shared: identical on every rank) and lengths, flat."""
+    pairs = [(c.text, rendered.example.reference) for rendered, samples in zip(prompts, completions) for c in samples]
+    correct = [ok for _, ok in score_once(reward_fn, pairs, reward_kwargs)]
+    return correct, [len(c.token_ids) for samples in completions for c in samples]
 
 
 def evaluate(engine, prompts: list, sampling, reward_fn, reward_kwargs: dict, samples: int, seed: int) -> dict:

@@ -64,9 +64,12 @@ def pack_by_length(indices: list[int], lengths: list[int], token_budget: int) ->
 
 
 def collate(indices: list[int], sequences: list[torch.Tensor], fields: Optional[list[dict]], pad_id: int,
-            device, weight: float = 1.0) -> MicroBatch:
+            device, weight: float = 1.0, multiple: int = 1) -> MicroBatch:
+    """Right-pad to the longest sequence, rounded up to `multiple` (the TP size under sequence parallelism, which
+    splits the sequence dimension over TP ranks: megatron-core requires seq_len % tp == 0). Padding sits after
+    every real token, so causal attention keeps it out of every real position's log-prob."""
     lengths = torch.tensor([len(sequences[i]) for i in indices])
-    width = int(lengths.max())
+    width = -(-int(lengths.max()) // multiple) * multiple
     tokens = torch.full((len(indices), width), pad_id, dtype=torch.long)
     for row, i in enumerate(indices):
         tokens[row, : lengths[row]] = sequences[i]
@@ -155,9 +158,10 @@ class Learner:
                              f"{self.cfg.max_seq_len}; raise it or shorten rollouts")
         dp_rank, dp_size = self.ps.get_data_parallel_rank(), self.ps.get_data_parallel_world_size()
         mine = split_over_dp(lengths, dp_size)[dp_rank]
+        multiple = self.ps.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
         if not mine:      # fewer sequences than DP ranks: run one zero-weight copy so collectives line up
-            return [collate([0], sequences, fields, self.pad_id, self.device, weight=0.0)]
-        return [collate(group, sequences, fields, self.pad_id, self.device)
+            return [collate([0], sequences, fields, self.pad_id, self.device, weight=0.0, multiple=multiple)]
+        return [collate(group, sequences, fields, self.pad_id, self.device, multiple=multiple)
                 for group in pack_by_length(mine, lengths, self.cfg.micro_batch_tokens)]
 
     def _run(self, batches: list[MicroBatch], loss_func, forward_only: bool):

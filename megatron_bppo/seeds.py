@@ -3,6 +3,8 @@
     sampling.seed --(rollout_step_seed: + step * ROLLOUT_STEP_STRIDE)--> the step's rollout seed
       --(rollout_round_seed: * 1000 + round)--> one engine.generate call's SamplingConfig.seed
       --(engine_prompt_seed: spaced ENGINE_PROMPT_STRIDE per prompt)--> vLLM's per-request seed (sample j: + j)
+    the step's rollout seed --(selection_seed)--> seeded selectors (random_pair)
+    the step's rollout seed --(minibatch_seed: per epoch)--> the order in which groups are dealt to mini-batches
     sampling.seed --(eval_seed: + EVAL_SEED_OFFSET)--> held-out mean@k sampling
     data.seed (train split, prompt order) --(+ HELD_OUT_SEED_OFFSET)--> a generated task's held-out split
 
@@ -26,6 +28,14 @@ def rollout_step_seed(sampling_seed, step: int) -> int:
 
 def rollout_round_seed(step_seed: int, round_index: int) -> int:
     return step_seed * ROUNDS_PER_STEP_MAX + round_index
+
+
+def selection_seed(step_seed: int) -> int:
+    return step_seed * ROUNDS_PER_STEP_MAX + ROUNDS_PER_STEP_MAX - 1      # a round index no rollout reaches
+
+
+def minibatch_seed(step_seed: int, epoch: int) -> int:
+    return (step_seed * _ENGINE_SEED_MIX + epoch) % _INT31
 
 
 def eval_seed(sampling_seed) -> int:

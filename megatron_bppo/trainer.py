@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 
 from .batch import ADVANTAGE, attach_logprobs, build_update_batch, policy_loss_fn, prefix_rule, split_batch
-from .checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import load_checkpoint, resume_checkpoint, save_checkpoint
 from .collect import collect_groups, sampling_schedule
 from .config import Config
 from .errors import ConfigError
 from .evaluation import evaluate
 from .metrics import MetricsLogger, PhaseTimer
-from .seeds import eval_seed, rollout_step_seed
+from .run_lock import check_checkpoint_lock, take_checkpoint_lock
+from .seeds import eval_seed, minibatch_seed, rollout_step_seed
 
 if TYPE_CHECKING:
     from .algorithms import AdaptiveScheduler, PrefixRule
@@ -55,7 +56,10 @@ class StopRequest:
         self.signal = signum
 
     def requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0])
+        from .platform import current_platform
+
+        # on the platform's device: NCCL (the default group on GPUs) has no CPU tensors
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=current_platform().device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -86,13 +90,15 @@ class Run:
 
 # ------------------------------------------------------------------------------------------------ set-up
 def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[PhaseTimer] = None) -> Run:
-    """Everything a user can get wrong is checked before any model is built: config, model dir, reward, data,
-    then the layout (build_learner checks it against the model before starting the process groups).
+    """Everything a user can get wrong is checked before any model is built: config, model dir (and its weights'
+    headers), reward, data, checkpoint.dir (its lock, what a resume would load, the data it was taken on), then the
+    layout (build_learner checks it against the model before starting the process groups).
     `timer` gets the phases "setup/learner" and "setup/engine" (bench/system_costs.py records memory there)."""
     from transformers import AutoTokenizer
 
     from .data import PromptSampler, prompts_from_config
-    from .distributed import print_rank0
+    from .data.datasets import prompts_fingerprint
+    from .distributed import print_rank0, process_group_timeout_s
     from .learner import build_learner
     from .model.bridge import read_hf_config
     from .rewards import get_reward, validate_reward_kwargs
@@ -108,6 +114,14 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
         raise ConfigError(f"reward: {e}") from None
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     train_prompts, eval_prompts = prompts_from_config(cfg, tokenizer)
+    sampler = PromptSampler(len(train_prompts), seed=cfg.data.seed, fingerprint=prompts_fingerprint(train_prompts))
+    if cfg.checkpoint.dir:
+        # Every rank, before any process group exists, read-only: a refusal ends all ranks alike. Then rank 0
+        # writes the lock (the other ranks wait until it names this launch).
+        check_checkpoint_lock(cfg.checkpoint.dir, break_lock=cfg.checkpoint.break_lock)
+        resume_checkpoint(cfg.checkpoint, sampler.state_dict())
+        take_checkpoint_lock(cfg.checkpoint.dir, break_lock=cfg.checkpoint.break_lock,
+                             wait_s=process_group_timeout_s(cfg.parallel))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     timer = timer or PhaseTimer()
     with timer("setup/learner"):
@@ -123,12 +137,13 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
         engine = VLLMEngine(cfg.model.path, cfg.rollout, dtype=cfg.model.dtype,
                             trust_remote_code=cfg.model.trust_remote_code, hf_config=hf_config)
     run = Run(cfg, launch.rank, bridge, learner, ref, engine, train_prompts, eval_prompts,
-              PromptSampler(len(train_prompts), seed=cfg.data.seed), sampling_schedule(cfg.algorithm),
+              sampler, sampling_schedule(cfg.algorithm),
               prefix_rule(cfg.algorithm), reward_fn, stop or StopRequest())
     resumed = resume(run)
     run.metrics = MetricsLogger(cfg.run_dir, use_tensorboard=cfg.train.tensorboard,
                                 wandb={"project": cfg.train.wandb_project} if cfg.train.wandb_project else None,
-                                enabled=launch.rank == 0, resume_step=run.step if resumed else None,
+                                # a fresh start (-1) drops lines an earlier, killed attempt left behind
+                                enabled=launch.rank == 0, resume_step=run.step if resumed else -1,
                                 total_steps=cfg.train.steps)
     if launch.rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
@@ -138,15 +153,17 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
 
 
 def resume(run: Run) -> bool:
+    """Load the latest complete checkpoint, if any (checkpointing.resume_checkpoint: refuses incomplete-only
+    directories and changed train prompts, as setup already checked before building anything)."""
     cfg = run.cfg
-    path = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir and cfg.checkpoint.resume else None
+    path = resume_checkpoint(cfg.checkpoint, run.sampler.state_dict(), log=False)
     if path is None:
         return False
     state = load_checkpoint(path, run.learner.models, run.learner.optimizer, run.learner.scheduler)
     run.step = run.learner.step = state["step"]
     extra = state["extra"]
     if "sampler" in extra:
-        run.sampler.load_state_dict(extra["sampler"])
+        run.sampler.load_state_dict(extra["sampler"], strict=not cfg.checkpoint.allow_data_change)
         run.sampling_schedule.load_state_dict(extra["scheduler"])
         run.summary = extra.get("summary", {})
     if run.rank == 0:
@@ -173,13 +190,20 @@ def rl_step(run: Run, step: int, timer) -> Optional[dict]:
 
     cfg, algo, learner = run.cfg, run.cfg.algorithm, run.learner
     snapshot = run.sampler.state_dict(), run.sampling_schedule.state_dict()
-    prompts = run.prompts(run.sampler.next_indices(cfg.data.prompts_per_step))
+    step_seed = rollout_step_seed(cfg.sampling.seed, step)
+    taken: set[int] = set()                                   # no prompt twice in one step (draw-more included)
+
+    def draw(n: int) -> list:
+        indices = run.sampler.next_indices(n, exclude=taken)
+        taken.update(indices)
+        return run.prompts(indices)
+
+    prompts = draw(cfg.data.prompts_per_step)
     with timer("sync"):
         sync = sync_weights(run.bridge, learner.unwrapped_models(), run.engine, cfg.rollout.bucket_bytes)
     with timer("rollout"):
-        draw = (lambda n: run.prompts(run.sampler.next_indices(n))) if algo.target_pairs else None
         rollout = collect_groups(run.engine, run.sampling_schedule, prompts, cfg.sampling, run.reward_fn,
-                                 cfg.reward.kwargs, seed=rollout_step_seed(cfg.sampling.seed, step), draw_more=draw)
+                                 cfg.reward.kwargs, seed=step_seed, draw_more=draw if algo.target_pairs else None)
         run.engine.sleep()
     timer.times["reward"] = rollout.reward_seconds           # scored between rounds: not engine time
     timer.times["rollout"] -= rollout.reward_seconds
@@ -187,7 +211,7 @@ def rl_step(run: Run, step: int, timer) -> Optional[dict]:
         if cfg.checkpoint.dir:
             save(run, step - 1, *snapshot)
         return None
-    batch = build_update_batch(rollout.groups, algo, run.prefix_rule, step)
+    batch = build_update_batch(rollout.groups, algo, run.prefix_rule, step, step_seed)
     metrics = rollout_metrics(rollout, batch, sync)
     if cfg.train.dump_batches and run.rank == 0:
         dump_batch(cfg.run_dir, step, rollout.groups, batch)
@@ -201,7 +225,8 @@ def rl_step(run: Run, step: int, timer) -> Optional[dict]:
         metrics.update({f"mismatch/{k}": v for k, v in mismatch.items()})
     with timer("update"):
         updates = [learner.train_step(mini.sequences, mini.fields, policy_loss_fn(algo, mini))
-                   for _ in range(algo.epochs) for mini in split_batch(batch, algo.mini_batches)]
+                   for epoch in range(algo.epochs)
+                   for mini in split_batch(batch, algo.mini_batches, minibatch_seed(step_seed, epoch))]
     metrics.update(update_metrics(updates))
     return metrics
 
@@ -261,8 +286,10 @@ def run_eval(run: Run, step: int, label: str) -> dict:
 
 
 def train(cfg: Config) -> int:
+    from .platform import phase_sync
+
     stop = StopRequest()          # first, so a signal during set-up is not fatal (honoured after set-up)
-    timer = PhaseTimer()
+    timer = PhaseTimer(sync=phase_sync())     # CUDA: synchronize at each phase boundary (charges GPU work right)
     run = setup(cfg, stop, timer)
     if run.step == 0 and cfg.eval.at_start and "before" not in run.summary:
         run.summary["before"] = run_eval(run, 0, "before")

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -10,6 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_bppo.distributed import free_local_port as free_port, torchrun_command  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process runs of a minute or more (`make test-fast` skips them)")
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +53,15 @@ def run_procs(script_args, nproc: int = 1, timeout: int = 600, env=None, check=T
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def wait_for(predicate, proc, timeout=900, poll=0.02) -> bool:
+    """Poll `predicate` until it holds (True) or the process `proc` ends (False); AssertionError after `timeout` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s")

@@ -1,4 +1,4 @@
-"""Advantages and correctness: full-group statistics, Dr.GRPO, masks, degenerate inputs."""
+"""Advantages: full-group statistics, Dr.GRPO, masks, degenerate inputs."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_bppo.algorithms import correctness, group_advantages, group_stats, uniform_groups
+from megatron_bppo.algorithms import group_advantages, group_stats, uniform_groups
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -120,15 +120,3 @@ def test_bad_arguments():
         group_advantages(torch.zeros(2, 2), eps=-1)
 
 
-def test_correctness():
-    r = torch.tensor([[1.0, 0.0, 0.5, 0.7, 0.1]])
-    assert correctness(r).tolist() == [[True, False, False, True, False]]
-    assert correctness(r, "graded", threshold=0.5).tolist() == [[True, False, True, True, False]]
-    assert correctness(r, valid=torch.tensor([[0, 1, 1, 1, 1]]).bool()).tolist() == [[False, False, False, True, False]]
-    assert correctness(torch.tensor([1.0, 0.0])).tolist() == [True, False]
-    with pytest.raises(ValueError, match="threshold"):
-        correctness(r, "graded")
-    with pytest.raises(ValueError, match="binary"):
-        correctness(r, "continuous")
-    with pytest.raises(ValueError, match="group 0"):
-        correctness(torch.tensor([[float("nan")]]))

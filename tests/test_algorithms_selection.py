@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_bppo.algorithms import (SELECTORS, correctness, get_selector, group_advantages, register_selector,
+from megatron_bppo.algorithms import (SELECTORS, get_selector, group_advantages, register_selector,
                                       select_all, select_binary, weight_selected_advantages)
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -42,7 +42,7 @@ def brute_binary(correct, L, v):
 @given(batch())
 def test_binary_matches_brute_force(data):
     r, L, v = data
-    c = correctness(r, valid=v)
+    c = (r > 0.5) & v
     res = get_selector("binary")(c, L, group_advantages(r, valid=v), v)
     ref = brute_binary(c, L, v)
     assert res.mask.dtype == torch.bool and res.mask.shape == r.shape
@@ -66,7 +66,7 @@ def test_binary_tie_break_and_single_class():
 @given(batch())
 def test_all_selects_every_valid(data):
     r, L, v = data
-    c = correctness(r, valid=v)
+    c = (r > 0.5) & v
     res = select_all(c, L, group_advantages(r, valid=v), v)
     assert torch.equal(res.mask, v)
     assert res.counts["selected"] == int(v.sum())
@@ -76,7 +76,7 @@ def test_all_selects_every_valid(data):
 @given(batch())
 def test_max_variance_m2_equals_binary_for_binary_rewards(data):
     r, L, v = data
-    c, a = correctness(r, valid=v), group_advantages(r, valid=v)
+    c, a = (r > 0.5) & v, group_advantages(r, valid=v)
     assert torch.equal(get_selector("max_variance_pairs", m=2)(c, L, a, v).mask, select_binary(c, L, a, v).mask)
 
 
@@ -84,7 +84,7 @@ def test_max_variance_m2_equals_binary_for_binary_rewards(data):
 @given(batch(max_g=7, graded=True), st.integers(2, 4))
 def test_max_variance_is_optimal(data, m):
     r, L, v = data
-    c, a = correctness(r, "graded", 0.5, valid=v), group_advantages(r, mode="drgrpo", valid=v)
+    c, a = (r >= 0.5) & v, group_advantages(r, mode="drgrpo", valid=v)
     res = get_selector("max_variance_pairs", m=m)(c, L, a, v)
 
     def var(ix):
@@ -146,7 +146,7 @@ def test_empty_inputs():
 @given(batch())
 def test_class_total_weighting(data):
     r, L, v = data
-    c, a = correctness(r, valid=v), group_advantages(r, valid=v)
+    c, a = (r > 0.5) & v, group_advantages(r, valid=v)
     res = select_binary(c, L, a, v)
     w = weight_selected_advantages(a, c, res.mask, v, pair_weighting="class_total")
     plain = weight_selected_advantages(a, c, res.mask, v)

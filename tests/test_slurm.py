@@ -1,6 +1,6 @@
 """The real sbatch scripts (slurm/train.sbatch, slurm/convert.sbatch) on a real Slurm cluster: two fake nodes on
 this machine, started by slurm/local_cluster.sh (munged + slurmctld + one slurmd per node). A 2-node x 2-rank
-tiny BPPO run; a run that is signalled (SIGUSR1 to the batch shell, as --signal=B:USR1@180 does before the time
+tiny BPPO run; a run that is signalled (SIGUSR1 to the batch shell, as --signal=B:USR1@900 does before the time
 limit), saves, requeues itself and resumes with the same per-step metrics as the uninterrupted run; a bad config
 that fails fast with the error in the job's log; a 2-node checkpoint conversion round trip.
 
@@ -63,6 +63,10 @@ def job_env(work):
             "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
+# 15 min jobs: train.sbatch's default USR1 900 s before the limit would fire at once; 60 s is enough for the tiny run
+SHORT_JOB = ("--time=15", "--signal=B:USR1@60")
+
+
 def submit(work, name, script, *args, sbatch_args=()):
     proc = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={work}/{name}-%j.out",
                            *sbatch_args, script, *args], cwd=ROOT, env=job_env(work), capture_output=True,
@@ -118,7 +122,7 @@ def two_node_run(cluster, work, tiny_qwen2):
     """The uninterrupted 2-node x 2-rank run (also the reference for the preemption test)."""
     run_dir = str(work / "run_ref")
     start = time.time()
-    job = submit(work, "ref", "slurm/train.sbatch", *train_args(tiny_qwen2, run_dir), sbatch_args=[*SHAPE, "--time=15"])
+    job = submit(work, "ref", "slurm/train.sbatch", *train_args(tiny_qwen2, run_dir), sbatch_args=[*SHAPE, *SHORT_JOB])
     info = wait_job(work, "ref", job)
     return {"job": job, "run_dir": run_dir, "info": info, "seconds": time.time() - start,
             "output": job_output(work, "ref", job), "logs": log_dir(work, "ref", job)}
@@ -157,7 +161,7 @@ def test_bad_config_fails_fast_with_the_error_in_the_log(cluster, work, tiny_qwe
     name = f"bad-{case}"
     start = time.time()
     job = submit(work, name, "slurm/train.sbatch", *train_args(tiny_qwen2, str(work / name), override),
-                 sbatch_args=[*SHAPE, "--time=15"])
+                 sbatch_args=[*SHAPE, *SHORT_JOB])
     info = wait_job(work, name, job, timeout=180)
     seconds = time.time() - start
     out = job_output(work, name, job)
@@ -171,12 +175,12 @@ def test_bad_config_fails_fast_with_the_error_in_the_log(cluster, work, tiny_qwe
 
 
 def test_signalled_job_saves_requeues_and_resumes_with_the_same_metrics(two_node_run, work, tiny_qwen2):
-    """SIGUSR1 to the batch shell once step 1 is logged (what --signal=B:USR1@180 does before the time limit):
+    """SIGUSR1 to the batch shell once step 1 is logged (what --signal=B:USR1@900 does before the time limit):
     the script forwards it to the ranks, they save and exit 75, the script requeues the job, the second run
     resumes from the checkpoint and finishes; every step's metrics equal the uninterrupted run's."""
     assert two_node_run["info"]["JobState"] == "COMPLETED", two_node_run["output"]
     run_dir = str(work / "run_pre")
-    job = submit(work, "pre", "slurm/train.sbatch", *train_args(tiny_qwen2, run_dir), sbatch_args=[*SHAPE, "--time=15"])
+    job = submit(work, "pre", "slurm/train.sbatch", *train_args(tiny_qwen2, run_dir), sbatch_args=[*SHAPE, *SHORT_JOB])
     start = time.time()
     def step_one_logged():
         try:

@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, free_port, run_procs, torchrun_command
+from conftest import ROOT, free_port, run_procs, torchrun_command, wait_for
 
 CONFIG = "examples/configs/tiny_bppo.yaml"
 TEST_REWARD = "reward.name=megatron_bppo.testing.rewards:even_length"
@@ -111,17 +110,6 @@ def test_metrics_summary_checkpoints_and_plots(runs, algo):
         assert kept < full                                      # the prefix cut removed tokens
 
 
-def _wait_for(predicate, proc, timeout=600, poll=0.02):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(poll)
-    return False
-
-
 def test_sigkill_mid_checkpoint_and_between_steps_then_resume(runs, tiny_qwen2, tmp_path):
     """Kill -9 while step 2's checkpoint is being written, restart (resumes from step 1), kill -9 between steps
     2 and 3, restart: the resumed steps' metrics equal the uninterrupted run's."""
@@ -138,12 +126,12 @@ def test_sigkill_mid_checkpoint_and_between_steps_then_resume(runs, tiny_qwen2, 
         proc.wait()
 
     proc = launch()
-    assert _wait_for(lambda: os.path.isdir(os.path.join(ckpt, ".tmp-iter_0000002")), proc), "no step-2 write seen"
+    assert wait_for(lambda: os.path.isdir(os.path.join(ckpt, ".tmp-iter_0000002")), proc), "no step-2 write seen"
     kill(proc)
     latest = open(os.path.join(ckpt, "latest")).read().strip()
     assert latest == "iter_0000001", f"a partial checkpoint was taken as latest: {latest}"
     proc = launch()
-    assert _wait_for(lambda: open(os.path.join(ckpt, "latest")).read().strip() == "iter_0000002", proc)
+    assert wait_for(lambda: open(os.path.join(ckpt, "latest")).read().strip() == "iter_0000002", proc)
     kill(proc)
     train(tiny_qwen2, run_dir, *overrides)
     reference, resumed = metrics(runs["bppo"]), metrics(run_dir)
@@ -164,7 +152,7 @@ def test_stop_signal_saves_and_exits_with_distinct_code(tiny_qwen2, tmp_path, np
     proc = subprocess.Popen(train_cmd(tiny_qwen2, run_dir, "train.steps=50", "checkpoint.save_interval=0",
                                       nproc=nproc), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    assert _wait_for(lambda: os.path.isfile(os.path.join(run_dir, "metrics.jsonl"))
+    assert wait_for(lambda: os.path.isfile(os.path.join(run_dir, "metrics.jsonl"))
                      and len(metrics(run_dir)) >= 1, proc)
     if nproc == 1:
         os.kill(proc.pid, sig)

@@ -46,9 +46,27 @@ def _layout(args) -> ParallelConfig:
     return ParallelConfig(tp=tp, pp=args.pp)
 
 
+def _checkpoint(ckpt_dir: str) -> str:
+    """--ckpt-dir: one complete checkpoint, or a training run's checkpoint root (its latest complete one)."""
+    from megatron_bppo.checkpointing import incomplete_reason, latest_checkpoint, scan_checkpoints
+
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(f"--ckpt-dir {ckpt_dir!r} is not a directory: pass a checkpoint written by this tool "
+                          "or the trainer (or a run's checkpoint.dir)")
+    if incomplete_reason(ckpt_dir) is None:
+        return ckpt_dir
+    latest = latest_checkpoint(ckpt_dir)
+    if latest:
+        return latest
+    _, incomplete = scan_checkpoints(ckpt_dir)
+    found = ("; it holds only incomplete checkpoints: " + "; ".join(f"{n}: {why}" for n, why in incomplete)
+             if incomplete else f" ({incomplete_reason(ckpt_dir)})")
+    raise ConfigError(f"--ckpt-dir {ckpt_dir!r} is not a complete megatron_bppo checkpoint nor a directory of them{found}")
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from megatron_bppo.checkpointing import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+    from megatron_bppo.checkpointing import load_checkpoint, save_checkpoint
     from megatron_bppo.distributed import destroy_distributed, print_rank0
     from megatron_bppo.model.bridge import open_model, read_hf_config
 
@@ -56,12 +74,12 @@ def main(argv=None) -> int:
     parallel = _layout(args)
     if args.direction == "hf-to-mcore":
         source = args.hf_dir
-        hf_config = read_hf_config(source, args.trust_remote_code)
+        hf_config = read_hf_config(source, args.trust_remote_code, label=f"--hf-dir {source!r}")
     else:
-        ckpt = latest_checkpoint(args.ckpt_dir) or args.ckpt_dir
-        read_meta(ckpt)                                   # clear error when it is not a checkpoint
+        ckpt = _checkpoint(args.ckpt_dir)
         source = os.path.join(ckpt, "hf")
-        hf_config = read_hf_config(source, args.trust_remote_code, require_weights=False)
+        hf_config = read_hf_config(source, args.trust_remote_code, require_weights=False,
+                                   label=f"--ckpt-dir {args.ckpt_dir!r} (its checkpoint's hf/ directory {source!r})")
     model = ModelConfig(path=source, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     _, bridge = open_model(model, parallel, require_weights=args.direction == "hf-to-mcore", hf_config=hf_config)
     print_rank0(f"[convert] {args.direction}: {hf_config.model_type}, {hf_config.num_hidden_layers} layers, "

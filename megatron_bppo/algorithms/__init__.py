@@ -4,21 +4,22 @@
     --PrefixRule.lengths--> k --(prompt + first k response tokens)--> training sequences --policy_loss--> loss
     AdaptiveScheduler decides how many completions each prompt gets between rollout rounds.
 """
-from .advantages import (ADVANTAGE_MODES, REWARD_TYPES, check_rewards, correctness, group_advantages,
-                         group_stats, uniform_groups)
+from .advantages import ADVANTAGE_MODES, check_rewards, group_advantages, group_stats, uniform_groups
 from .losses import AGGREGATIONS, KL_ESTIMATORS, ROLLOUT_IS_MODES, aggregate, kl_penalty, policy_loss
 from .prefix import PREFIX_MODES, PrefixRule
 from .scheduling import COUNTERS as SCHEDULER_COUNTERS
+from .scheduling import HISTORY_WINDOW as SCHEDULER_HISTORY_WINDOW
 from .scheduling import AdaptiveScheduler, run_schedule
 from .selection import (PAIR_WEIGHTINGS, SELECTORS, SelectionResult, get_selector, register_selector,
-                        select_all, select_binary, select_max_variance, weight_selected_advantages)
+                        select_all, select_binary, select_max_variance, select_random_pair, selector_options,
+                        weight_selected_advantages)
 
 __all__ = [
-    "ADVANTAGE_MODES", "REWARD_TYPES", "check_rewards", "correctness", "group_advantages", "group_stats",
+    "ADVANTAGE_MODES", "check_rewards", "group_advantages", "group_stats",
     "uniform_groups",
     "AGGREGATIONS", "KL_ESTIMATORS", "ROLLOUT_IS_MODES", "aggregate", "kl_penalty", "policy_loss",
     "PREFIX_MODES", "PrefixRule",
-    "SCHEDULER_COUNTERS", "AdaptiveScheduler", "run_schedule",
+    "SCHEDULER_COUNTERS", "SCHEDULER_HISTORY_WINDOW", "AdaptiveScheduler", "run_schedule",
     "PAIR_WEIGHTINGS", "SELECTORS", "SelectionResult", "get_selector", "register_selector", "select_all",
-    "select_binary", "select_max_variance", "weight_selected_advantages",
+    "select_binary", "select_max_variance", "select_random_pair", "selector_options", "weight_selected_advantages",
 ]

@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 
 ADVANTAGE_MODES = ("grpo", "drgrpo")
-REWARD_TYPES = ("binary", "graded")
 
 
 def _check_mode(name: str, value: str, valid: tuple) -> None:
@@ -103,27 +102,3 @@ def group_advantages(rewards: torch.Tensor, mode: str = "grpo", eps: float = 1e-
         adv = adv / (std[:, None] + eps)
     keep = v & ~uniform_groups(r, v)[:, None]
     return torch.where(keep, adv, torch.zeros_like(adv))
-
-
-def correctness(rewards: torch.Tensor, reward_type: str = "binary", threshold: Optional[float] = None,
-                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``bool[num_groups, G]``: which completions count as correct (for selection and scheduling).
-
-    binary: correct iff r > 0.5   (rewards are expected in {0, 1}; a small format bonus stays "wrong");
-            ``threshold`` overrides 0.5 (still a strict ``>``).
-    graded: correct iff r >= threshold   (``threshold`` is required).
-    Invalid entries are False. Accepts any shape for ``rewards`` when ``valid`` is None.
-    """
-    _check_mode("reward_type", reward_type, REWARD_TYPES)
-    if reward_type == "graded" and threshold is None:
-        raise ValueError("reward_type='graded' needs a threshold (correct iff reward >= threshold)")
-    rewards = torch.as_tensor(rewards)
-    if valid is not None or rewards.dim() == 2:
-        rewards, valid = check_rewards(rewards, valid)
-    elif bool((~torch.isfinite(rewards.float())).any()):
-        raise ValueError("rewards contain NaN/inf")
-    if reward_type == "binary":
-        out = rewards > (0.5 if threshold is None else threshold)
-    else:
-        out = rewards >= threshold
-    return out & valid if valid is not None else out

@@ -23,6 +23,7 @@ import math
 from collections import deque
 from typing import Callable, Dict, Hashable, Iterable, List, Mapping, Optional, Tuple
 
+HISTORY_WINDOW = 4                  # outcomes remembered per prompt (default); skip_after cannot exceed it
 COUNTERS = ("prompts_offered", "prompts_planned", "prompts_skipped_solved", "prompts_skipped_unsolved",
             "prompts_retried", "first_round_samples", "extra_rounds", "extra_samples", "groups_extended",
             "groups_rescued", "groups_exhausted", "prompts_drawn_extra", "groups_recorded", "groups_mixed",
@@ -34,7 +35,7 @@ class AdaptiveScheduler:
     (prompts_needed -> plan_first_round -> plan_next_round*)* -> record per group -> end_step.
     ``run_schedule`` below implements exactly that loop over two callbacks."""
 
-    def __init__(self, n_init: int = 8, g_max: int = 16, n_step: int = 4, history_window: int = 4,
+    def __init__(self, n_init: int = 8, g_max: int = 16, n_step: int = 4, history_window: int = HISTORY_WINDOW,
                  skip_after: int = 2, skip_cooldown: Optional[int] = 4, retry_prob: float = 0.0,
                  target_pairs: Optional[int] = None, max_prompt_draw_factor: float = 2.0,
                  min_mixed_rate: float = 0.1, seed: int = 0):

@@ -9,7 +9,8 @@ Every selector has one signature::
 groups_all_wrong (a group with one valid completion is single-class), selected, selected_correct,
 selected_incorrect, groups_contributing (groups with >= 1 selected completion).
 
-Registered: ``all`` (GRPO), ``binary`` (BPPO), ``max_variance_pairs`` (PODS-like down-sampling).
+Registered: ``all`` (GRPO), ``binary`` (BPPO), ``random_pair`` (control: a random correct + a random incorrect
+completion, seeded), ``max_variance_pairs`` (PODS-like down-sampling).
 Add one with ``@register_selector("name")``; look one up with ``get_selector(name, **options)``.
 Selection never changes advantages; ``weight_selected_advantages`` is the optional re-weighting.
 """
@@ -23,7 +24,7 @@ from typing import Callable, Dict
 import torch
 
 SELECTORS: Dict[str, Callable[..., "SelectionResult"]] = {}
-PAIR_WEIGHTINGS = ("none", "class_total")
+PAIR_WEIGHTINGS = ("none", "class_total", "contrast")
 
 
 @dataclass
@@ -47,11 +48,18 @@ def get_selector(name: str, **options) -> Callable[..., SelectionResult]:
     if name not in SELECTORS:
         raise ValueError(f"unknown selection strategy {name!r}; known: {sorted(SELECTORS)}")
     fn = SELECTORS[name]
-    params = list(inspect.signature(fn).parameters)[4:]
+    params = selector_options(name)
     bad = sorted(set(options) - set(params))
     if bad:
         raise ValueError(f"selector {name!r} has no option(s) {bad}; its options: {params}")
     return functools.partial(fn, **options) if options else fn
+
+
+def selector_options(name: str) -> list[str]:
+    """The option names selector `name` accepts (beyond correct, lengths, advantages, valid)."""
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selection strategy {name!r}; known: {sorted(SELECTORS)}")
+    return list(inspect.signature(SELECTORS[name]).parameters)[4:]
 
 
 def _prepare(correct, lengths, advantages, valid):
@@ -99,12 +107,20 @@ def select_all(correct, lengths, advantages, valid=None) -> SelectionResult:
     return SelectionResult(mask, _counts(correct, valid, mask))
 
 
-def _argmin_shortest(cand: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Index of the shortest candidate per row; ties -> lowest index (key = length * G + index)."""
-    G = cand.shape[1]
-    key = lengths * G + torch.arange(G, device=lengths.device)[None, :]
-    key = torch.where(cand, key, torch.full_like(key, torch.iinfo(torch.long).max))
-    return key.argmin(dim=1)
+def _one_per_class(correct, valid, key) -> torch.Tensor:
+    """Per mixed group (valid completions of both classes), the correct and the incorrect valid completion with the
+    smallest `key`; nothing for single-class groups."""
+    ng, G = correct.shape
+    mask = torch.zeros((ng, G), dtype=torch.bool, device=correct.device)
+    if not (ng and G):
+        return mask
+    n, k = valid.sum(1), correct.sum(1)
+    mixed = (k > 0) & (k < n)
+    rows = torch.arange(ng, device=correct.device)[mixed]
+    top = torch.iinfo(key.dtype).max if not key.is_floating_point() else float("inf")
+    for cls in (correct, valid & ~correct):
+        mask[rows, torch.where(cls, key, torch.full_like(key, top)).argmin(dim=1)[mixed]] = True
+    return mask
 
 
 @register_selector("binary")
@@ -116,14 +132,20 @@ def select_binary(correct, lengths, advantages, valid=None) -> SelectionResult:
     Single-class groups select nothing (counted as groups_all_correct / groups_all_wrong).
     """
     correct, lengths, advantages, valid = _prepare(correct, lengths, advantages, valid)
-    ng, G = correct.shape
-    mask = torch.zeros((ng, G), dtype=torch.bool, device=correct.device)
-    if ng and G:
-        n, k = valid.sum(1), correct.sum(1)
-        mixed = (k > 0) & (k < n)
-        rows = torch.arange(ng, device=correct.device)[mixed]
-        mask[rows, _argmin_shortest(correct, lengths)[mixed]] = True
-        mask[rows, _argmin_shortest(valid & ~correct, lengths)[mixed]] = True
+    G = correct.shape[1]
+    key = lengths * G + torch.arange(G, device=lengths.device)[None, :]      # (length, index), lexicographic
+    mask = _one_per_class(correct, valid, key)
+    return SelectionResult(mask, _counts(correct, valid, mask))
+
+
+@register_selector("random_pair")
+def select_random_pair(correct, lengths, advantages, valid=None, seed: int = 0) -> SelectionResult:
+    """Control for BPPO: per mixed group, one uniformly random correct and one uniformly random incorrect valid
+    completion (seeded: the same `seed` gives the same choice). Separates "fewer samples" from "the shortest ones".
+    """
+    correct, lengths, advantages, valid = _prepare(correct, lengths, advantages, valid)
+    key = torch.rand(correct.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+    mask = _one_per_class(correct, valid, key.to(correct.device))
     return SelectionResult(mask, _counts(correct, valid, mask))
 
 
@@ -168,12 +190,15 @@ def select_max_variance(correct, lengths, advantages, valid=None, m: int = 2,
 
 
 def weight_selected_advantages(advantages, correct, mask, valid=None, pair_weighting: str = "none"):
-    """Optional re-weighting of the selected completions' advantages (zero outside ``mask``).
+    """Re-weighting of the selected completions' advantages (zero outside ``mask``); docs/algorithm.md section 3.
 
-    none:        A'_i = A_i                                   (paper default: plain full-group advantages)
+    none:        A'_i = A_i                                   (the paper-literal reading: full-group advantages)
     class_total: A'_i = A_i * n_c(i) / s_c(i)   where n_c = valid completions of i's class in the group and
                  s_c = selected ones of that class. For BPPO this gives k*A+ and (G-k)*A-, i.e. the pair
-                 carries the same total weight per class as GRPO's whole group (docs/algorithm.md).
+                 carries the same total weight per class as GRPO's whole group; the pair sums to zero.
+    contrast:    A'_i = A_i - mean of the selected advantages of i's group: zero-sum per group. For a BPPO pair
+                 +-(A+ - A-)/2 = +-1/(2 sigma): the pair's contrast A+ - A- without the common-mode term.
+    For the ``all`` selector (GRPO) every weighting is the identity (up to float round-off for contrast).
     """
     if pair_weighting not in PAIR_WEIGHTINGS:
         raise ValueError(f"pair_weighting={pair_weighting!r} is not valid; choose one of {list(PAIR_WEIGHTINGS)}")
@@ -183,6 +208,10 @@ def weight_selected_advantages(advantages, correct, mask, valid=None, pair_weigh
     out = torch.where(mask, advantages, torch.zeros_like(advantages))
     if pair_weighting == "none":
         return out
+    if pair_weighting == "contrast":
+        selected = mask.sum(1, keepdim=True).to(out.dtype)
+        centre = out.sum(1, keepdim=True) / selected.clamp(min=1)
+        return torch.where(mask, out - centre, torch.zeros_like(out))
     scale = torch.zeros_like(out)
     for cls in (correct, valid & ~correct):
         n_c = cls.sum(1, keepdim=True).to(out.dtype)

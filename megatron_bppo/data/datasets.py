@@ -33,7 +33,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Collection, Iterator, Optional, Sequence
 
 __all__ = [
     "DatasetError",
@@ -433,16 +433,36 @@ def write_verl_parquet(examples: Sequence[PromptExample], path: str | os.PathLik
 # Resumable, seeded iteration
 # ---------------------------------------------------------------------------------------------------------------
 
+def prompts_fingerprint(prompts: Sequence) -> str:
+    """A short hash of rendered prompts in order: each one's token ids and reference answer (``RenderedPrompt``:
+    ``.token_ids``, ``.example.reference``). It changes with the data, the prompt settings, the tokenizer and the
+    chat template: everything that decides what a sampler index means. Cheap (~10 ms per 10k prompts)."""
+    from array import array
+
+    h = hashlib.sha256(str(len(prompts)).encode())
+    for p in prompts:
+        ids = array("q", p.token_ids).tobytes()
+        h.update(len(ids).to_bytes(8, "little"))
+        h.update(ids)
+        ref = str(p.example.reference).encode()
+        h.update(len(ref).to_bytes(8, "little"))
+        h.update(ref)
+    return h.hexdigest()[:16]
+
+
 class PromptSampler:
     """Seeded epoch iteration over ``num_examples`` indices with a resumable position.
 
     Epoch ``e`` visits a permutation fixed by ``(seed, e)`` (identity when ``shuffle=False``); a batch that runs
     past the end of an epoch continues in the next. ``state_dict()`` = {epoch, index, seed, shuffle,
     num_examples, fingerprint}; ``load_state_dict`` refuses a state from a dataset of another size (or, with
-    ``strict``, another fingerprint).
+    ``strict``, another fingerprint). The fingerprint is ``fingerprint`` when given (a sampler built from a size,
+    e.g. ``prompts_fingerprint(rendered)``), else the dataset's own ``fingerprint()`` if it has one.
     """
 
-    def __init__(self, dataset: Sequence | int, *, seed: int = 0, shuffle: bool = True):
+    def __init__(self, dataset: Sequence | int, *, seed: int = 0, shuffle: bool = True,
+                 fingerprint: Optional[str] = None):
+        self.content_fingerprint = fingerprint
         self.dataset = None if isinstance(dataset, int) else dataset
         self.num_examples = dataset if isinstance(dataset, int) else len(dataset)
         if self.num_examples <= 0:
@@ -459,15 +479,25 @@ class PromptSampler:
             self._perm, self._perm_epoch = perm, self.epoch
         return self._perm
 
-    def next_indices(self, n: int) -> list[int]:
-        out = []
+    def next_indices(self, n: int, exclude: Collection[int] = ()) -> list[int]:
+        """The next `n` distinct indices in epoch order, none of them in `exclude` (the indices the current step
+        already holds). An index skipped for that reason at an epoch boundary is not revisited in its new epoch:
+        no prompt appears twice in one step, at the cost of at most `n` visits per epoch boundary."""
+        if n > self.num_examples - len(exclude):
+            raise DatasetError(f"cannot draw {n} distinct prompts: the dataset has {self.num_examples} and "
+                               f"{len(exclude)} are already in this step; lower data.prompts_per_step (or "
+                               f"algorithm.target_pairs / max_prompt_draw_factor) or use a larger dataset")
+        out: list[int] = []
+        taken = set(exclude)
         while len(out) < n:
             order = self._order()
-            take = min(n - len(out), self.num_examples - self.index)
-            out.extend(order[self.index:self.index + take])
-            self.index += take
+            index = order[self.index]
+            self.index += 1
             if self.index >= self.num_examples:
                 self.epoch, self.index = self.epoch + 1, 0
+            if index not in taken:
+                out.append(index)
+                taken.add(index)
         return out
 
     def next_batch(self, n: int) -> list:
@@ -481,6 +511,8 @@ class PromptSampler:
         return self.epoch + self.index / self.num_examples
 
     def _fingerprint(self) -> Optional[str]:
+        if self.content_fingerprint is not None:
+            return self.content_fingerprint
         return self.dataset.fingerprint() if hasattr(self.dataset, "fingerprint") else None
 
     def state_dict(self) -> dict:

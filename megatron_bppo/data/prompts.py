@@ -1,8 +1,8 @@
 """Config -> rendered train and held-out prompts: the one way the trainer, bench/ and tools/ get their prompts.
 
     data.train / data.eval --(open_dataset: "arithmetic:<preset>" generated, or a jsonl / parquet file)--> examples
-    examples --(prompt_format: instruction by name or literal text, system prompt, chat template,
-                prompt budget = rollout.max_model_len - sampling.max_tokens, data.on_too_long)--> RenderedPrompt
+    examples --(prompt_format: instruction by name or literal text, system prompt, chat template, prompt budget =
+                min(rollout.max_model_len, learner.max_seq_len) - sampling.max_tokens, data.on_too_long)--> RenderedPrompt
     prompts_from_config(cfg, tokenizer) -> (train prompts, held-out prompts[:data.eval_size])
 
 A generated task's held-out prompts are its test split (seeded with data.seed + 1); a file-based train set needs
@@ -11,6 +11,7 @@ data.eval. Every problem a user can cause here is a ConfigError that names the k
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Optional
 
 from ..errors import ConfigError
@@ -33,6 +34,11 @@ def open_dataset(source: str | os.PathLike, *, split: str = "train", seed: int =
     return read_prompt_file(src, schema=schema, limit=size)
 
 
+def prompt_budget(cfg) -> int:
+    """Most prompt tokens: prompt + a full response must fit the engine's context and the learner's sequences."""
+    return min(cfg.rollout.max_model_len, cfg.learner.max_seq_len) - cfg.sampling.max_tokens
+
+
 def prompt_format(cfg) -> ChatFormat:
     """`cfg`: config.Config (data.*, rollout.max_model_len, sampling.max_tokens) -> the chat rendering rules."""
     data = cfg.data
@@ -41,7 +47,7 @@ def prompt_format(cfg) -> ChatFormat:
     return ChatFormat(system_prompt=data.system_prompt,
                       instruction_prefix=instruction if data.instruction_position == "prefix" else None,
                       instruction_suffix=instruction if data.instruction_position == "suffix" else None,
-                      max_prompt_tokens=cfg.rollout.max_model_len - cfg.sampling.max_tokens,
+                      max_prompt_tokens=prompt_budget(cfg),
                       on_too_long=data.on_too_long)
 
 
@@ -49,12 +55,13 @@ def render_prompts(cfg, tokenizer, examples) -> list[RenderedPrompt]:
     try:
         rendered = PromptRenderer(tokenizer, prompt_format(cfg)).render_all(examples)
     except PromptTooLongError as e:
-        raise ConfigError(f"{e}: raise rollout.max_model_len, lower sampling.max_tokens, or set "
+        raise ConfigError(f"{e}: the prompt budget is min(rollout.max_model_len, learner.max_seq_len) - "
+                          "sampling.max_tokens; raise those limits, lower sampling.max_tokens, or set "
                           "data.on_too_long=skip") from None
     except ChatTemplateError as e:
         raise ConfigError(f"data: {e}") from None
     if not rendered:
-        raise ConfigError("no prompt fits rollout.max_model_len - sampling.max_tokens")
+        raise ConfigError("no prompt fits min(rollout.max_model_len, learner.max_seq_len) - sampling.max_tokens")
     return rendered
 
 
@@ -72,4 +79,11 @@ def prompts_from_config(cfg, tokenizer) -> tuple[list[RenderedPrompt], list[Rend
                                 size=data.eval_size)
     except DatasetError as e:
         raise ConfigError(f"data: {e}") from None
-    return render_prompts(cfg, tokenizer, train), render_prompts(cfg, tokenizer, held_out)[: data.eval_size]
+    repeated = sorted(i for i, n in Counter(e.id for e in train).items() if n > 1)[:5]
+    if repeated:
+        raise ConfigError(f"data.train={data.train!r}: prompt ids repeat ({repeated}); give every row a unique id")
+    train_prompts = render_prompts(cfg, tokenizer, train)
+    if data.prompts_per_step > len(train_prompts):
+        raise ConfigError(f"data.prompts_per_step={data.prompts_per_step} but data.train has only "
+                          f"{len(train_prompts)} usable prompts: lower it or use a larger dataset")
+    return train_prompts, render_prompts(cfg, tokenizer, held_out)[: data.eval_size]

