@@ -15,7 +15,7 @@ CORE = [
     "pyarrow",            # parquet prompt datasets (verl schema), examples/prepare_*.py --parquet
     "rich",               # live per-step progress line (plain print fallback)
     "tensorboard",        # MetricsLogger scalars (skipped with one warning when missing)
-    "matplotlib",         # tools/plot_metrics.py (Agg backend)
+    "matplotlib",         # megatron_bppo.plotting (Agg backend)
 ]
 
 setup(
