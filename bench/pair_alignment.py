@@ -132,7 +132,8 @@ def main():
         out = []
         for si, sub in enumerate(subsets):
             batch = build_update_batch(sub, algo, prefix_rule(algo), step=1, step_seed=rollout_step_seed(args.seed, si))
-            out.append(None if batch.empty else (flat_gradient(learner, batch, algo), loss_normalizer(batch, "token-mean"),
+            out.append(None if batch.empty else (flat_gradient(learner, batch, algo),
+                                                 loss_normalizer(batch, "token-mean"),
                                                  loss_normalizer(batch, "token-mean", "rollout")))
         print(f"[pair_alignment] {name}: {time.perf_counter() - started:.0f}s", flush=True)
         return out

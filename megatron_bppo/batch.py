@@ -52,8 +52,8 @@ class UpdateBatch:
     response_lengths: list[int]
     origin: list[tuple[int, int]]                       # (group index, completion index) of each sequence
     counts: dict
-    rollout_tokens: int = 0                             # response tokens of every completion of the groups
-    rollout_sequences: int = 0                          # completions of the groups (GRPO trains all of them)
+    rollout_tokens: float = 0                           # response tokens of every completion of the groups
+    rollout_sequences: float = 0                        # completions of the groups (a mini-batch: its share)
 
     @property
     def empty(self) -> bool:
@@ -155,12 +155,13 @@ def split_batch(batch: UpdateBatch, parts: int, seed: int) -> list[UpdateBatch]:
         return [batch]
     random.Random(seed).shuffle(order)
     chunks = [order[p::parts] for p in range(min(parts, len(order)))]
-    return [batch.subset([i for i, (gi, _) in enumerate(batch.origin) if gi in set(chunk)], len(chunk) / len(order))
-            for chunk in chunks]
+    members = [set(chunk) for chunk in chunks]
+    return [batch.subset([i for i, (gi, _) in enumerate(batch.origin) if gi in groups], len(groups) / len(order))
+            for groups in members]
 
 
 def loss_normalizer(batch: UpdateBatch, aggregation: str, normalizer: str = "trained") -> float:
-    """The global denominator of the chosen aggregation for this (mini-)batch (docs/algorithm.md section 6):
+    """The global denominator of the chosen aggregation for this (mini-)batch (docs/algorithm.md section 3):
     trained: what the learner trains (its tokens for token-mean, its sequences otherwise);
     rollout: what GRPO would train on the same groups (every completion's full response tokens / every completion)."""
     if normalizer == "rollout":

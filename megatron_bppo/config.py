@@ -2,10 +2,10 @@
 
     cfg = load_config("examples/configs/tiny_bppo.yaml", ["parallel.tp=2", "optim.lr=1e-5"])
 
-Every section of the run lives here, the rollout engine's and sampling's included, and this module imports
-nothing of the package but errors.py (the choice lists of algorithm fields are imported inside validate, from the
-pure algorithms package). Every section is a dataclass; unknown keys, wrong types and bad values raise `ConfigError` with the
-dotted key and what to do about it, before any process group or model is created.
+Every section of the run lives here, the rollout engine's and sampling's included, and this module imports nothing
+of the package but errors.py (the choice lists of algorithm fields are imported inside validate, from the pure
+algorithms package). Every section is a dataclass; unknown keys, wrong types and bad values raise `ConfigError`
+with the dotted key and what to do about it, before any process group or model is created.
 """
 from __future__ import annotations
 
@@ -436,7 +436,7 @@ class Config:
         if self.sampling.max_tokens >= self.rollout.max_model_len:
             raise ConfigError(f"sampling.max_tokens={self.sampling.max_tokens} leaves no room for the prompt in "
                               f"rollout.max_model_len={self.rollout.max_model_len}: raise max_model_len")
-        self._validate_prompt_budget()
+        self._validate_draw_budget()
         if self.sampling.temperature == 0:
             raise ConfigError("sampling.temperature=0 is greedy: every completion of a group would be the same; "
                               "training needs a sampling temperature > 0 (evaluation is greedy on its own)")
@@ -445,7 +445,7 @@ class Config:
                               "checkpoint directory (config.json + *.safetensors)")
         return self
 
-    def _validate_prompt_budget(self):
+    def _validate_draw_budget(self):
         """Drawing more prompts (algorithm.target_pairs) takes distinct prompts: at most
         floor(max_prompt_draw_factor * prompts_per_step) per step, which the training set must hold."""
         import math

@@ -96,8 +96,7 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
     `timer` gets the phases "setup/learner" and "setup/engine" (bench/system_costs.py records memory there)."""
     from transformers import AutoTokenizer
 
-    from .data import PromptSampler, prompts_from_config
-    from .data.datasets import prompts_fingerprint
+    from .data import PromptSampler, prompts_fingerprint, prompts_from_config
     from .distributed import print_rank0, process_group_timeout_s
     from .learner import build_learner
     from .model.bridge import read_hf_config

@@ -22,7 +22,7 @@ from conftest import ROOT, free_port, torchrun_command
 from megatron_bppo.checkpointing import META, latest_checkpoint, resume_checkpoint, rotate_checkpoints
 from megatron_bppo.run_lock import LOCK, check_checkpoint_lock, take_checkpoint_lock
 from megatron_bppo.config import CheckpointConfig, Config, ConfigError
-from megatron_bppo.data.datasets import PromptSampler, prompts_fingerprint
+from megatron_bppo.data import PromptSampler, prompts_fingerprint
 
 TOOL = "tools/convert_checkpoint.py"
 

@@ -61,7 +61,8 @@ def _checkpoint(ckpt_dir: str) -> str:
     _, incomplete = scan_checkpoints(ckpt_dir)
     found = ("; it holds only incomplete checkpoints: " + "; ".join(f"{n}: {why}" for n, why in incomplete)
              if incomplete else f" ({incomplete_reason(ckpt_dir)})")
-    raise ConfigError(f"--ckpt-dir {ckpt_dir!r} is not a complete megatron_bppo checkpoint nor a directory of them{found}")
+    raise ConfigError(f"--ckpt-dir {ckpt_dir!r} is not a complete megatron_bppo checkpoint nor a directory of "
+                      f"them{found}")
 
 
 def main(argv=None) -> int:

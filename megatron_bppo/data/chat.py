@@ -5,8 +5,9 @@
     prompts = renderer.render_all(dataset)          # at start-up: every too-long prompt is found before any work
 
 Messages: ``[system?] + user(instruction_prefix + sep + question + sep + instruction_suffix)``. ``system_prompt``
-None leaves the system turn to the template (SmolLM2's template then adds its default system prompt). For an example that already has messages (verl parquet), the
-system prompt is added only if the chat has none, and prefix/suffix go around the last user message's content.
+None leaves the system turn to the template (SmolLM2's template then adds its default system prompt). For an
+example that already has messages (verl parquet), the system prompt is added only if the chat has none, and
+prefix/suffix go around the last user message's content.
 
 Text: ``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``; token ids:
 ``tokenizer(text, add_special_tokens=False)`` (the template carries any BOS). ``use_chat_template=False`` (base

@@ -433,23 +433,6 @@ def write_verl_parquet(examples: Sequence[PromptExample], path: str | os.PathLik
 # Resumable, seeded iteration
 # ---------------------------------------------------------------------------------------------------------------
 
-def prompts_fingerprint(prompts: Sequence) -> str:
-    """A short hash of rendered prompts in order: each one's token ids and reference answer (``RenderedPrompt``:
-    ``.token_ids``, ``.example.reference``). It changes with the data, the prompt settings, the tokenizer and the
-    chat template: everything that decides what a sampler index means. Cheap (~10 ms per 10k prompts)."""
-    from array import array
-
-    h = hashlib.sha256(str(len(prompts)).encode())
-    for p in prompts:
-        ids = array("q", p.token_ids).tobytes()
-        h.update(len(ids).to_bytes(8, "little"))
-        h.update(ids)
-        ref = str(p.example.reference).encode()
-        h.update(len(ref).to_bytes(8, "little"))
-        h.update(ref)
-    return h.hexdigest()[:16]
-
-
 class PromptSampler:
     """Seeded epoch iteration over ``num_examples`` indices with a resumable position.
 
@@ -457,7 +440,7 @@ class PromptSampler:
     past the end of an epoch continues in the next. ``state_dict()`` = {epoch, index, seed, shuffle,
     num_examples, fingerprint}; ``load_state_dict`` refuses a state from a dataset of another size (or, with
     ``strict``, another fingerprint). The fingerprint is ``fingerprint`` when given (a sampler built from a size,
-    e.g. ``prompts_fingerprint(rendered)``), else the dataset's own ``fingerprint()`` if it has one.
+    e.g. ``data.prompts.prompts_fingerprint(rendered)``), else the dataset's own ``fingerprint()`` if it has one.
     """
 
     def __init__(self, dataset: Sequence | int, *, seed: int = 0, shuffle: bool = True,

@@ -2,17 +2,21 @@
 
     data.train / data.eval --(open_dataset: "arithmetic:<preset>" generated, or a jsonl / parquet file)--> examples
     examples --(prompt_format: instruction by name or literal text, system prompt, chat template, prompt budget =
-                min(rollout.max_model_len, learner.max_seq_len) - sampling.max_tokens, data.on_too_long)--> RenderedPrompt
+                min(rollout.max_model_len, learner.max_seq_len) - sampling.max_tokens, data.on_too_long)
+             --> RenderedPrompt
     prompts_from_config(cfg, tokenizer) -> (train prompts, held-out prompts[:data.eval_size])
+    prompts_fingerprint(train prompts) -> what a checkpoint's data position means (checked on resume)
 
 A generated task's held-out prompts are its test split (seeded with data.seed + 1); a file-based train set needs
 data.eval. Every problem a user can cause here is a ConfigError that names the key to change.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from array import array
 from collections import Counter
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..errors import ConfigError
 from ..seeds import HELD_OUT_SEED_OFFSET
@@ -20,7 +24,7 @@ from .arithmetic import generate_arithmetic
 from .chat import INSTRUCTIONS, ChatFormat, ChatTemplateError, PromptRenderer, PromptTooLongError, RenderedPrompt
 from .datasets import DatasetError, PromptDataset, read_prompt_file
 
-__all__ = ["open_dataset", "prompt_format", "render_prompts", "prompts_from_config"]
+__all__ = ["open_dataset", "prompt_format", "render_prompts", "prompts_from_config", "prompts_fingerprint"]
 
 def open_dataset(source: str | os.PathLike, *, split: str = "train", seed: int = 0, size: Optional[int] = None,
                  schema: str = "auto", heldout_fraction: float = 0.2) -> PromptDataset:
@@ -87,3 +91,18 @@ def prompts_from_config(cfg, tokenizer) -> tuple[list[RenderedPrompt], list[Rend
         raise ConfigError(f"data.prompts_per_step={data.prompts_per_step} but data.train has only "
                           f"{len(train_prompts)} usable prompts: lower it or use a larger dataset")
     return train_prompts, render_prompts(cfg, tokenizer, held_out)[: data.eval_size]
+
+
+def prompts_fingerprint(prompts: Sequence) -> str:
+    """A short hash of rendered prompts in order: each one's token ids and reference answer (``RenderedPrompt``:
+    ``.token_ids``, ``.example.reference``). It changes with the data, the prompt settings, the tokenizer and the
+    chat template: everything that decides what a sampler index means. Cheap (~10 ms per 10k prompts)."""
+    h = hashlib.sha256(str(len(prompts)).encode())
+    for p in prompts:
+        ids = array("q", p.token_ids).tobytes()
+        h.update(len(ids).to_bytes(8, "little"))
+        h.update(ids)
+        ref = str(p.example.reference).encode()
+        h.update(len(ref).to_bytes(8, "little"))
+        h.update(ref)
+    return h.hexdigest()[:16]
