@@ -79,8 +79,25 @@ def combine(grads: list, weights: list, ref: list, ref_weights: list) -> tuple:
     return sq, dot
 
 
+def table(runs: list) -> str:
+    """A markdown table of one or several runs' rows (one column group per run, e.g. per seed)."""
+    head = "| selection / weighting / prefix |" + "".join(
+        " cos all | cos per subset: mean [min..max] | norm / GRPO: trained, rollout |" for _ in runs)
+    lines = [head, "|---|" + "---|---|---|" * len(runs)]
+    for i, r in enumerate(runs[0]):
+        cells = [f" {r['variant']} |"]
+        for rows in runs:
+            x = rows[i]
+            cells.append(f" {x['cos_all']:.3f} | {x['cos_subsets_mean']:.2f} [{x['cos_subsets_min']:.2f}.."
+                         f"{x['cos_subsets_max']:.2f}] | {x['norm_ratio_trained']:.2f}, {x['norm_ratio_rollout']:.2f} |")
+        lines.append("|" + "".join(cells))
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--report", nargs="+", metavar="JSON",
+                    help="print the table of finished runs (e.g. bench/results/pair_alignment_seed*.json) and exit")
     ap.add_argument("--model", default="", help="HF dir (default: the prepared SmolLM2-135M-Instruct)")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=8)
@@ -94,6 +111,13 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench/pair_alignment")
     args = ap.parse_args()
+    if args.report:
+        runs = []
+        for path in args.report:
+            with open(path) as f:
+                runs.append(json.load(f)["rows"])
+        print(table(runs))
+        return
     args.group_sizes = [args.group_size]
 
     import torch
@@ -174,11 +198,7 @@ def main():
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
     print(f"\n{os.path.basename(args.model.rstrip('/'))}, {len(groups)} prompts x G={args.group_size}, "
           f"{args.subsets} subsets, seed {args.seed}: cosine with GRPO's whole-model gradient (token-mean)")
-    print(f"{'selection/weighting/prefix':34s} {'cos all':>8s} {'cos subsets mean [min..max]':>28s} "
-          f"{'|g|/|GRPO| trained':>19s} {'rollout':>8s}")
-    for r in rows:
-        print(f"{r['variant']:34s} {r['cos_all']:8.3f} {r['cos_subsets_mean']:10.3f} [{r['cos_subsets_min']:6.3f}.."
-              f"{r['cos_subsets_max']:6.3f}]   {r['norm_ratio_trained']:12.3f} {r['norm_ratio_rollout']:12.3f}")
+    print(table([rows]))
     meta.update(wall_s=time.perf_counter() - started)
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
