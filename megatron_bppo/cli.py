@@ -36,9 +36,11 @@ def main(argv=None) -> int:
             print(json.dumps(cfg.to_dict(), indent=2, default=str))
             return 0
         from .distributed import bind_to_launcher
+        from .platform.stack import check_stack
         from .trainer import train as run_training
 
         bind_to_launcher()              # a rank under torchrun / srun dies with its launcher, from the start
+        check_stack(cfg)                # installed vs pinned versions: a warning per mismatch (platform/stack.py)
 
         return run_training(cfg)
     except ConfigError as e:

@@ -1,12 +1,15 @@
-"""Scheduled rollout rounds: prompts -> engine samples -> rewards -> scored groups.
+"""One step's rollout: prompts -> samples streamed through the engine -> rewards -> scored groups.
 
-    prompts --(AdaptiveScheduler.plan_first_round: n_init each, skip uniformly solved/unsolved prompts)
-      --(engine.generate, one call per round)--> completions --(score_once: reward fn, each completion on one rank,
-      shared)--> rewards, correct
-      --(plan_next_round: more samples only for still single-class groups, up to g_max)--> ... repeat
-      --(prompts_needed: draw more prompts while too few groups are mixed)--> ... repeat
-    -> [Group] (every sampled completion of every planned prompt) + the scheduler's decision counters.
-GRPO is the fixed schedule (G completions per prompt, one round).
+    prompts --(StepSchedule: AdaptiveScheduler.plan_first_round, n_init each; uniformly solved/unsolved prompts
+      skipped)--> SampleRequest per sample, seeded completion_seed(step seed, prompt id, sample index)
+      --(engine.stream: one continuous batch; rollout.schedule=rounds: a generate call per batch of requests)-->
+      completions as they finish --(score_once: reward fn, each completion on one rank, shared)--> correct
+      --(StepSchedule.resolve; a group whose samples have all finished and that is still single-class gets
+        n_step more at once, up to g_max; once every group is settled and too few are mixed, drawn prompts join)
+      --(algorithm.early_stop: running samples binary selection can no longer pick are stopped, counted as
+        incorrect or left out)--> ... until nothing is outstanding
+    -> [Group] (every kept completion, in sample order) + the scheduler's counters + token accounting.
+GRPO is the fixed schedule (G completions per prompt, one batch).
 """
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ from typing import Callable, Optional
 
 import torch.distributed as dist
 
-from .algorithms import SCHEDULER_COUNTERS, AdaptiveScheduler, run_schedule
+from .algorithms import SCHEDULER_COUNTERS, AdaptiveScheduler, StepSchedule, unselectable_running
 from .batch import Group
 from .rewards import score_batch
-from .seeds import rollout_round_seed
+from .rollout.engine import BatchStream, SampleRequest
+from .seeds import completion_seed
 
 
 def sampling_schedule(algo) -> AdaptiveScheduler:
@@ -58,14 +62,27 @@ class RolloutResult:
     groups: list[Group]
     counters: dict
     reward_seconds: float
-    rounds: int
+    generated_tokens: int           # every token the engine produced this step, stopped samples included
+    stopped_tokens: int             # tokens of samples stopped early (algorithm.early_stop)
+    stopped_samples: int
+    engine_steps: int               # stream.step() calls: decode steps (vLLM stream at world size 1; with several
+                                    # replicas, gathers), generate calls with rollout.schedule=rounds
+
+    def token_accounting(self, trained: int) -> dict:
+        """generated = trained (kept prefixes of the selected samples, UpdateBatch.tokens) + reward_only (every
+        other finished token) + stopped."""
+        return {"generated": self.generated_tokens, "trained": trained,
+                "reward_only": self.generated_tokens - trained - self.stopped_tokens, "stopped": self.stopped_tokens}
 
 
-def collect_groups(engine, schedule, prompts: list, sampling, reward_fn, reward_kwargs: dict, seed: int,
-                   draw_more: Optional[Callable[[int], list]] = None) -> RolloutResult:
-    """`prompts`: rendered prompts (.example.id, .example.reference, .token_ids). Every rank calls this with the
-    same arguments and gets the same groups (the engine gathers results over its replicas)."""
+def collect_groups(engine, scheduler: AdaptiveScheduler, prompts: list, sampling, reward_fn, reward_kwargs: dict,
+                   seed: int, draw_more: Optional[Callable[[int], list]] = None, streaming: bool = True,
+                   early_stop: str = "off") -> RolloutResult:
+    """`prompts`: rendered prompts (.example.id, .example.reference, .token_ids); `seed`: the step's rollout seed.
+    Every rank calls this with the same arguments and gets the same groups (the stream gathers over replicas)."""
     by_id: dict[str, Group] = {}
+    samples: dict[str, list] = {}          # prompt id -> [(sample index, completion, reward, correct)]
+    next_index: dict[str, int] = {}
 
     def register(rendered):
         for r in rendered:
@@ -73,32 +90,63 @@ def collect_groups(engine, schedule, prompts: list, sampling, reward_fn, reward_
                 raise ValueError(f"prompt id {r.example.id!r} twice in one step: the dataset repeats ids; "
                                  "give every row a unique id")
             by_id[r.example.id] = Group(r.example.id, list(r.token_ids), r.example.reference)
+            samples[r.example.id], next_index[r.example.id] = [], 0
         return [r.example.id for r in rendered]
 
-    before = dict(schedule.counters)
-    reward_seconds, rounds = 0.0, 0
+    before = dict(scheduler.counters)
+    stream = engine.stream(sampling, track_running=early_stop != "off") if streaming else BatchStream(engine,
+                                                                                                       sampling)
+    plan = StepSchedule(scheduler, register(prompts), (lambda n: register(draw_more(n))) if draw_more else None)
 
-    def sample(plan: dict) -> dict:
-        nonlocal reward_seconds, rounds
-        ids = list(plan)
-        call_sampling = dataclasses.replace(sampling, seed=rollout_round_seed(seed, rounds))
-        results = engine.generate([by_id[p].prompt_ids for p in ids], [plan[p] for p in ids], call_sampling)
-        rounds += 1
-        started = time.perf_counter()
-        scores = iter(score_once(reward_fn, [(c.text, by_id[pid].reference) for pid, cs in zip(ids, results)
-                                             for c in cs], reward_kwargs))
-        new = {}
-        for pid, completions in zip(ids, results):
-            group = by_id[pid]
-            scored = [next(scores) for _ in completions]
-            group.completions += completions
-            group.rewards += [score for score, _ in scored]
-            group.correct += [correct for _, correct in scored]
-            new[pid] = (sum(correct for _, correct in scored), len(completions))
-        reward_seconds += time.perf_counter() - started
-        return new
+    def start(requested: dict):
+        requests = []
+        for pid, n in requested.items():
+            first, next_index[pid] = next_index[pid], next_index[pid] + n
+            requests += [SampleRequest((pid, s), pid, tuple(by_id[pid].prompt_ids), completion_seed(seed, pid, s))
+                         for s in range(first, first + n)]
+        stream.add(requests)
 
-    draw = (lambda n: register(draw_more(n))) if draw_more is not None else None
-    state = run_schedule(schedule, register(prompts), sample, draw)
-    counters = {k: schedule.counters[k] - before.get(k, 0) for k in SCHEDULER_COUNTERS}
-    return RolloutResult([by_id[p] for p in state], counters, reward_seconds, rounds)
+    reward_seconds, generated, stopped_tokens, stopped_samples, engine_steps = 0.0, 0, 0, 0, 0
+    try:
+        start(plan.requests())
+        while stream.outstanding:
+            step = stream.step()
+            engine_steps += 1
+            if step.finished:
+                started = time.perf_counter()
+                scores = score_once(reward_fn, [(c.text, by_id[pid].reference) for (pid, _), c in step.finished],
+                                    reward_kwargs)
+                reward_seconds += time.perf_counter() - started
+                for ((pid, index), completion), (score, correct) in zip(step.finished, scores):
+                    completion.sample_index = index
+                    samples[pid].append((index, completion, score, correct))
+                    generated += len(completion.token_ids)
+                    plan.resolve(pid, correct)
+            if early_stop != "off" and step.running:
+                running: dict[str, dict] = {}
+                for key, length in step.running.items():
+                    running.setdefault(key[0], {})[key] = length
+                doomed = [key for pid, lengths in running.items() for key in unselectable_running(
+                    [(len(c.token_ids), ok) for _, c, _, ok in samples[pid] if c.finish_reason != "abort"], lengths)]
+                for (pid, index), completion in (stream.stop(doomed) if doomed else {}).items():
+                    generated += len(completion.token_ids)
+                    stopped_tokens += len(completion.token_ids)
+                    stopped_samples += 1
+                    if early_stop == "as_incorrect":        # the lowest reward of the group's finished incorrect ones
+                        floor = min(r for _, c, r, ok in samples[pid] if not ok and c.finish_reason != "abort")
+                        completion.sample_index = index
+                        samples[pid].append((index, completion, floor, False))
+                    plan.resolve(pid, False if early_stop == "as_incorrect" else None)
+            start(plan.requests())
+    finally:
+        stream.close()              # after an error: nothing left running in the engine
+    state = plan.finish()
+    for pid in state:
+        group = by_id[pid]
+        for _, completion, score, correct in sorted(samples[pid], key=lambda e: e[0]):
+            group.completions.append(completion)
+            group.rewards.append(score)
+            group.correct.append(correct)
+    counters = {k: scheduler.counters[k] - before.get(k, 0) for k in SCHEDULER_COUNTERS}
+    return RolloutResult([by_id[p] for p in state], counters, reward_seconds, generated, stopped_tokens,
+                         stopped_samples, engine_steps)

@@ -157,6 +157,8 @@ class AlgorithmConfig:
     skip_cooldown: int = 4
     target_pairs: Optional[int] = None   # adaptive: draw more prompts until this many groups are mixed
     max_prompt_draw_factor: float = 2.0
+    early_stop: str = "off"              # off | as_incorrect | exclude: stop running completions binary selection
+                                         # can no longer pick (docs/algorithm.md section 11; streaming rollouts)
     clip_low: float = 0.2
     clip_high: float = 0.28              # DAPO's clip-higher
     aggregation: str = "token-mean"      # token-mean | seq-mean-token-mean | token-sum-norm
@@ -178,12 +180,18 @@ class AlgorithmConfig:
         return self.adaptive if self.adaptive is not None else self.name == "bppo"
 
     def validate(self):
-        from .algorithms import AGGREGATIONS, KL_ESTIMATORS, PAIR_WEIGHTINGS, SELECTORS
+        from .algorithms import AGGREGATIONS, EARLY_STOP_POLICIES, KL_ESTIMATORS, PAIR_WEIGHTINGS, SELECTORS
 
         _choice("algorithm.name", self.name, ("grpo", "bppo"))
         _choice("algorithm.advantage", self.advantage, ("grpo", "drgrpo"))
         _choice("algorithm.selector", self.selector, ("auto", *SELECTORS))
         _choice("algorithm.pair_weighting", self.pair_weighting, PAIR_WEIGHTINGS)
+        _choice("algorithm.early_stop", self.early_stop, EARLY_STOP_POLICIES)
+        if self.early_stop != "off" and self.resolved_selector() != "binary":
+            raise ConfigError(f"algorithm.early_stop={self.early_stop} stops completions that the binary selector "
+                              f"(shortest correct + shortest incorrect) can no longer pick, but the selector is "
+                              f"{self.resolved_selector()!r}, which may pick any completion: set "
+                              "algorithm.early_stop=off")
         _choice("algorithm.normalizer", self.normalizer, ("trained", "rollout"))
         _choice("algorithm.prefix", self.prefix, ("auto", "ratio", "fixed", "full"))
         _choice("algorithm.aggregation", self.aggregation, AGGREGATIONS)
@@ -270,10 +278,12 @@ class AlgorithmConfig:
 # ----------------------------------------------------------------------- rollout engine and sampling
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+ROLLOUT_BACKENDS = ("vllm", "hf")      # rollout/vllm_engine.py VLLMEngine | rollout/hf_engine.py HFEngine
 
 
 @dataclass
 class RolloutConfig:
+    backend: str = "vllm"                     # vllm | hf (transformers: slow, exact, no vLLM needed; tp must be 1)
     tp: int = 1                               # vLLM tensor-parallel size per engine replica (divides world size)
     max_model_len: int = 2048                 # longest prompt + completion (tokens) the engine accepts
     max_num_seqs: int = 64                    # most sequences decoded at once per replica
@@ -288,11 +298,22 @@ class RolloutConfig:
     bucket_bytes: int = 256 << 20             # weight sync: most bytes of exported tensors in flight per rank
     logprob_mismatch_warn: float = 0.02       # warn when mean |engine - learner| log-prob exceeds this
     engine_kwargs: dict = field(default_factory=dict)   # passed to vllm.LLM as is (expert settings)
+    schedule: str = "stream"                  # stream: one continuous batch per step, completions join as groups
+                                              # need them; rounds: one generate call per scheduling round
+    stream_sync_steps: int = 4                # several replicas: engine steps between the gathers of finished
+                                              # samples (1: every step; more: fewer collectives, later decisions)
 
     def validate(self) -> "RolloutConfig":
         for key in ("tp", "max_model_len", "max_num_seqs", "bucket_bytes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"rollout.{key}={getattr(self, key)}: must be >= 1")
+        if self.backend not in ROLLOUT_BACKENDS:
+            raise ConfigError(f"rollout.backend={self.backend!r}: must be one of {', '.join(ROLLOUT_BACKENDS)} "
+                              "(vllm: the vLLM engine; hf: the transformers engine, for debugging and machines "
+                              "without vLLM)")
+        if self.backend == "hf" and self.tp != 1:
+            raise ConfigError(f"rollout.tp={self.tp} with rollout.backend=hf: the transformers engine holds a full "
+                              "model copy on every rank (no tensor parallelism); set rollout.tp=1")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ConfigError(f"rollout.kv_cache_memory_bytes={self.kv_cache_memory_bytes}: must be > 0 or null")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -304,6 +325,9 @@ class RolloutConfig:
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ConfigError(f"rollout.logprobs_mode={self.logprobs_mode!r}: must be one of "
                               f"{', '.join(LOGPROBS_MODES)}")
+        _choice("rollout.schedule", self.schedule, ("stream", "rounds"))
+        if self.stream_sync_steps < 1:
+            raise ConfigError(f"rollout.stream_sync_steps={self.stream_sync_steps}: must be >= 1")
         if self.logprob_mismatch_warn < 0:
             raise ConfigError(f"rollout.logprob_mismatch_warn={self.logprob_mismatch_warn}: must be >= 0")
         if not 0 <= self.seed < 2 ** 32:
@@ -437,6 +461,11 @@ class Config:
             raise ConfigError(f"sampling.max_tokens={self.sampling.max_tokens} leaves no room for the prompt in "
                               f"rollout.max_model_len={self.rollout.max_model_len}: raise max_model_len")
         self._validate_draw_budget()
+        if self.algorithm.early_stop != "off" and (self.rollout.schedule, self.rollout.backend) != ("stream", "vllm"):
+            raise ConfigError(f"algorithm.early_stop={self.algorithm.early_stop} stops running completions, but "
+                              f"rollout.schedule={self.rollout.schedule} with rollout.backend={self.rollout.backend} "
+                              "runs rounds (nothing runs between them): set rollout.schedule=stream and "
+                              "rollout.backend=vllm, or algorithm.early_stop=off")
         if self.sampling.temperature == 0:
             raise ConfigError("sampling.temperature=0 is greedy: every completion of a group would be the same; "
                               "training needs a sampling temperature > 0 (evaluation is greedy on its own)")

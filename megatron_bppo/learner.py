@@ -3,7 +3,7 @@
     sequences (token lists, identical on every rank)
       --(plan_micro_batches: balance tokens over DP ranks, pack by length under a token budget)--> micro-batches
       --(get_forward_backward_func: TP/PP schedule over the model chunks)--> vocab-parallel logits
-      --(vocab_parallel_cross_entropy: no full-vocab gather)--> per-token log-probs
+      --(mask padded vocab columns, vocab_parallel_cross_entropy: no full-vocab gather)--> per-token log-probs
       --(loss_fn, DDP grad reduce, distributed optimizer, grad clip, LR schedule)--> updated weights
 
 Micro-batches are padded, not packed: sequences are sorted by length and grouped so that
@@ -86,11 +86,42 @@ def collate(indices: list[int], sequences: list[torch.Tensor], fields: Optional[
     return MicroBatch(list(indices), tokens.to(device), lengths.to(device), padded, weight)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """[b, S, V/tp] vocab-parallel logits -> [b, S-1] log p(token[i+1]); shards are never gathered."""
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+    """Vocab-parallel logits [..., V_padded/tp] with the columns of padded vocabulary rows (global index >=
+    vocab_size, see model.bridge.padded_vocab_size) set to -inf: they drop out of the softmax exactly, and
+    masked_fill passes them a zero gradient, so the padded output-layer rows never change. Out of place; returns
+    `logits` itself when this TP rank holds no padded column (or vocab_size is None)."""
+    if vocab_size is None:
+        return logits
+    from megatron.core import parallel_state as ps
+
+    width = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * width
+    real = min(max(vocab_size - start, 0), width)
+    if real == width:
+        return logits
+    padded = torch.arange(width, device=logits.device) >= real
+    return logits.masked_fill(padded, float("-inf"))
+
+
+def _real_vocab_size(model) -> Optional[int]:
+    from megatron.core.utils import get_attr_wrapped_model
+
+    try:
+        return get_attr_wrapped_model(model, "hf_vocab_size")
+    except RuntimeError:                    # not built by model.bridge (no padding recorded)
+        return None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   vocab_size: Optional[int] = None) -> torch.Tensor:
+    """[b, S, V/tp] vocab-parallel logits -> [b, S-1] log p(token[i+1]); shards are never gathered.
+    `vocab_size`: the real (HF) vocabulary when the model's is padded for TP: the log-softmax runs over the real
+    columns only (mask_padded_vocab). Learner passes it; other callers of a padded model must too."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     shifted = logits[:, :-1].float() / temperature            # a fresh tensor: the CE kernel edits it in place
+    shifted = mask_padded_vocab(shifted, vocab_size)
     return -vocab_parallel_cross_entropy(shifted.contiguous(), tokens[:, 1:].contiguous())
 
 
@@ -113,6 +144,9 @@ class Learner:
         self.pad_id, self.temperature = pad_id, temperature
         self.ps = ps
         config = models[0].config
+        # the real vocabulary of a model padded for TP (model.bridge sets it on every chunk); logits past it are masked
+        # (set on the GPTModel itself: DDP and, in bf16/fp16, Float16Module wrap it without passing attributes on)
+        self.vocab_size = _real_vocab_size(models[0])
         self.device = next(models[0].parameters()).device
         self.step = 0
         if not trainable:
@@ -195,7 +229,7 @@ class Learner:
         flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)
 
         def collect(mb, logits):
-            lp = token_logprobs(logits, mb.tokens, self.temperature)
+            lp = token_logprobs(logits, mb.tokens, self.temperature, self.vocab_size)
             if mb.weight and self._reports_results():
                 for row, i in enumerate(mb.indices):
                     flat[offsets[i]: offsets[i + 1]] = lp[row, : offsets[i + 1] - offsets[i]]
@@ -217,7 +251,7 @@ class Learner:
         sums: dict[str, float] = {}
 
         def loss_func(mb, logits):
-            logprobs = token_logprobs(logits, mb.tokens, self.temperature)
+            logprobs = token_logprobs(logits, mb.tokens, self.temperature, self.vocab_size)
             loss, metrics = loss_fn(logprobs, mb)
             loss = loss * mb.weight
             if mb.weight and self.ps.get_tensor_model_parallel_rank() == 0:

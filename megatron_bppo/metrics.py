@@ -12,7 +12,8 @@
 Metric names the progress line and megatron_bppo/plotting.py look for (the keys megatron_bppo/trainer.py and
 megatron_bppo/evaluation.py write, see :data:`METRIC_ALIASES`): ``reward/mean``, ``accuracy`` (share of correct
 rollout samples), ``response_length/mean`` (tokens), ``selected/sequences`` and ``selected/tokens`` (what the
-learner trained on), ``eval/accuracy`` (held-out pass@1), ``eval/response_length/mean``, and ``time/<phase>`` for
+learner trained on), ``rollout/tokens_generated`` and ``rollout/tokens_stopped`` (what the engine produced),
+``eval/accuracy`` (held-out pass@1), ``eval/response_length/mean``, and ``time/<phase>`` for
 the phases rollout, sync, reward, logprob, update plus ``time/step`` (from :meth:`PhaseTimer.metrics`).
 
 ``<run_dir>/metrics.jsonl``: one JSON object per :meth:`MetricsLogger.log` call, ``{"step": n, "timestamp": unix
@@ -48,6 +49,8 @@ METRIC_ALIASES: dict[str, tuple[str, ...]] = {       # name -> the record key(s)
     "eval_accuracy": ("eval/accuracy",),
     "eval_response_length": ("eval/response_length/mean",),
     "step_time": ("time/step",),
+    "generated_tokens": ("rollout/tokens_generated",),
+    "stopped_tokens": ("rollout/tokens_stopped",),
 }
 
 
@@ -247,6 +250,9 @@ class MetricsLogger:
         if seqs is not None or toks is not None:
             parts.append("sel " + " ".join(x for x in (seqs is not None and f"{seqs:.0f} seq",
                                                        toks is not None and f"{_fmt_count(toks)} tok") if x))
+        generated, stopped = find_metric(record, "generated_tokens"), find_metric(record, "stopped_tokens")
+        if generated is not None:
+            parts.append(f"gen {_fmt_count(generated)} tok" + (f" ({_fmt_count(stopped)} stopped)" if stopped else ""))
         times = {k[5:]: v for k, v in record.items() if k.startswith("time/") and isinstance(v, (int, float))}
         order = [p for p in PHASES if p in times] + sorted(k for k in times if k not in PHASES and k != "step")
         if order:

@@ -2,7 +2,7 @@
 
 One step (`rl_step`), the same on a laptop CPU and on a multi-node GPU job, one call per arrow:
     learner weights --(weight_sync.sync_weights)--> engine
-    prompts --(collect.collect_groups: adaptive rounds, rewards)--> groups
+    prompts --(collect.collect_groups: streamed samples, adaptive scheduling, rewards)--> groups
     groups --(batch.build_update_batch: advantages over each full group, selection, prefix cut)--> update batch
     update batch --(batch.attach_logprobs: old / reference log-probs, engine mismatch)--> scored batch
     scored batch --(batch.split_batch, Learner.train_step with batch.policy_loss_fn)--> new weights
@@ -101,7 +101,7 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
     from .learner import build_learner
     from .model.bridge import read_hf_config
     from .rewards import get_reward, validate_reward_kwargs
-    from .rollout import VLLMEngine
+    from .rollout import open_engine
 
     if not cfg.model.path:
         raise ConfigError("model.path is empty: set it to a Hugging Face checkpoint directory")
@@ -133,8 +133,8 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
                 f"PP{cfg.parallel.pp}), rollout TP{cfg.rollout.tp}; learner built in "
                 f"{timer.times['setup/learner']:.1f}s")
     with timer("setup/engine"):
-        engine = VLLMEngine(cfg.model.path, cfg.rollout, dtype=cfg.model.dtype,
-                            trust_remote_code=cfg.model.trust_remote_code, hf_config=hf_config)
+        engine = open_engine(cfg.rollout, cfg.model.path, dtype=cfg.model.dtype,
+                             trust_remote_code=cfg.model.trust_remote_code, hf_config=hf_config)
     run = Run(cfg, launch.rank, bridge, learner, ref, engine, train_prompts, eval_prompts,
               sampler, sampling_schedule(cfg.algorithm),
               prefix_rule(cfg.algorithm), reward_fn, stop or StopRequest())
@@ -202,9 +202,10 @@ def rl_step(run: Run, step: int, timer) -> Optional[dict]:
         sync = sync_weights(run.bridge, learner.unwrapped_models(), run.engine, cfg.rollout.bucket_bytes)
     with timer("rollout"):
         rollout = collect_groups(run.engine, run.sampling_schedule, prompts, cfg.sampling, run.reward_fn,
-                                 cfg.reward.kwargs, seed=step_seed, draw_more=draw if algo.target_pairs else None)
+                                 cfg.reward.kwargs, seed=step_seed, draw_more=draw if algo.target_pairs else None,
+                                 streaming=cfg.rollout.schedule == "stream", early_stop=algo.early_stop)
         run.engine.sleep()
-    timer.times["reward"] = rollout.reward_seconds           # scored between rounds: not engine time
+    timer.times["reward"] = rollout.reward_seconds           # scored between engine steps: not engine time
     timer.times["rollout"] -= rollout.reward_seconds
     if run.stop.requested():                                  # abandon the step: nothing was trained yet
         if cfg.checkpoint.dir:
@@ -241,12 +242,16 @@ def dump_batch(run_dir: str, step: int, groups, batch):
 
 
 def rollout_metrics(rollout, batch, sync) -> dict:
-    correct = [c for g in rollout.groups for c in g.correct]
-    rewards = [r for g in rollout.groups for r in g.rewards]
-    lengths = [len(c.token_ids) for g in rollout.groups for c in g.completions]
-    out = {"reward/mean": sum(rewards) / max(len(rewards), 1), "accuracy": sum(correct) / max(len(correct), 1),
-           "response_length/mean": sum(lengths) / max(len(lengths), 1), "samples": len(lengths),
-           "groups": len(rollout.groups), "rollout/rounds": rollout.rounds,
+    # finished samples only: a stopped one (algorithm.early_stop=as_incorrect) counts as wrong in its group's
+    # statistics but says nothing about the policy's accuracy or length
+    finished = [(c, r, ok) for g in rollout.groups for c, r, ok in zip(g.completions, g.rewards, g.correct)
+                if c.finish_reason != "abort"]
+    n = max(len(finished), 1)
+    out = {"reward/mean": sum(r for _, r, _ in finished) / n, "accuracy": sum(ok for _, _, ok in finished) / n,
+           "response_length/mean": sum(len(c.token_ids) for c, _, _ in finished) / n, "samples": len(finished),
+           "groups": len(rollout.groups), "rollout/engine_steps": rollout.engine_steps,
+           **{f"rollout/tokens_{k}": v for k, v in rollout.token_accounting(batch.tokens).items()},
+           "rollout/samples_stopped": rollout.stopped_samples,
            "selected/sequences": batch.counts["selected_sequences"], "selected/tokens": batch.counts["selected_tokens"],
            "selected/full_response_tokens": batch.counts["selected_response_tokens_full"],
            "groups_mixed": batch.counts["mixed_groups"],

@@ -6,6 +6,10 @@
       --(RolloutEngine.update_weights: one lazy stream per sync)--> the engine shard on the same rank
                                         (vLLM re-fuses qkv / gate_up, re-shards for its own TP, re-packs on CPU)
 
+Vocabulary: a learner padded for TP (model/bridge.py padded_vocab_size) exports embed_tokens / lm_head with the
+checkpoint's own vocab_size rows (HFBridge.export_hf_weights refuses anything else), so the engine, built from the
+unpadded HF config, holds no padded row and cannot sample one.
+
 Transport: in-process, by reference, on every rank (each rank holds one engine shard, see
 rollout/vllm_engine.py): the tensors the export yields are handed to vLLM's weight loaders as a Python
 generator, which copy them into the engine's parameters. Nothing is serialized; no file, socket or

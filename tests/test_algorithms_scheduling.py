@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from megatron_bppo.algorithms import SCHEDULER_COUNTERS, AdaptiveScheduler, run_schedule
+from megatron_bppo.algorithms import SCHEDULER_COUNTERS, AdaptiveScheduler, StepSchedule
 
 
 def test_fixed_is_plain_grpo():
@@ -109,6 +109,18 @@ def _simulator(seed):
     return sample
 
 
+def run_rounds(s, prompt_ids, sample, draw=None):
+    """StepSchedule fed a whole round at a time: sample({pid: n}) -> {pid: (n_correct, n)}."""
+    plan = StepSchedule(s, prompt_ids, draw)
+    requested = plan.requests()
+    while requested:
+        for pid, (c, n) in sample(requested).items():
+            for i in range(n):
+                plan.resolve(pid, i < c)
+        requested = plan.requests()
+    return plan.finish()
+
+
 def _run(s, steps, seed=3, start=0):
     sample = _simulator(seed)
     nxt = {"i": start + 16 * steps}
@@ -120,11 +132,11 @@ def _run(s, steps, seed=3, start=0):
         return ids
 
     for t in range(steps):
-        out.append(run_schedule(s, list(range(16 * (t % 4), 16 * (t % 4) + 16)), sample, draw))
+        out.append(run_rounds(s, list(range(16 * (t % 4), 16 * (t % 4) + 16)), sample, draw))
     return out
 
 
-def test_run_schedule_counters_consistent():
+def test_step_schedule_counters_consistent():
     s = AdaptiveScheduler(n_init=4, g_max=12, n_step=4, skip_after=1, target_pairs=8, max_prompt_draw_factor=3.0)
     states = _run(s, 6)
     c = s.counters

@@ -48,6 +48,18 @@ def start_failure(tiny_qwen2, tmp_path_factory):
 
 # ---------------------------------------------------------------- multi-process, real vLLM + Megatron
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_streamed_rollout_matches_rounds(runs, layout):
+    """Two engine replicas (engine tp 1) and one replica over two ranks (engine tp 2): the stream gives the groups
+    of the round-based schedule (same per-sample seeds), identical on every rank; early stop (exclude) keeps
+    BPPO's pairs and accounts for every token."""
+    r = runs[layout]["stream"]
+    assert r["equal_to_rounds"] and r["same_on_every_rank"], r
+    assert r["stream_engine_steps"] > r["rounds_engine_steps"] >= 1      # token steps vs generate calls
+    assert r["cut_same_pairs"] and r["cut_accounting"], r
+    assert r["cut_stopped_samples"] > 0 and r["cut_generated"] < r["generated"], r
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_sync_makes_engine_match_learner(runs, layout):
     r = runs[layout]
     assert "load_format=dummy" in r["dummy_weights_error"], "a randomly initialised engine must refuse to sample"
@@ -272,7 +284,7 @@ class _RecordingLLM:
 def _engine_without_vllm(on_gpu: bool, sleep_mode: bool, level: int = 2) -> VLLMEngine:
     engine = VLLMEngine.__new__(VLLMEngine)                 # the state VLLMEngine.__init__ leaves, minus vLLM
     engine.cfg = RolloutConfig(sleep_level=level, enable_sleep_mode=sleep_mode).validate()
-    engine.llm, engine.on_gpu = _RecordingLLM(), on_gpu
+    engine.llm, engine.on_gpu, engine.skip_tokenizer = _RecordingLLM(), on_gpu, False
     engine.sleep_frees_memory = on_gpu and sleep_mode
     engine._sleeping, engine._asleep_tags, engine._weights_valid, engine._closed = False, set(), True, False
     return engine

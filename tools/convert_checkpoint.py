@@ -6,6 +6,8 @@
 Run under `torchrun --nproc-per-node T*P` when T*P > 1. The Megatron checkpoint is layout-free: one
 written at TP2 loads at TP1, PP2, ... M may also be a training run's checkpoint root (its latest complete
 checkpoint is used). H2 holds safetensors, config, generation config and tokenizer.
+A vocabulary that TP does not divide is padded in Megatron (128 * TP rows, model/bridge.py padded_vocab_size) and
+the padding is never written to H2; a Megatron checkpoint padded for one TP loads at another.
 """
 from __future__ import annotations
 
@@ -85,6 +87,9 @@ def main(argv=None) -> int:
     _, bridge = open_model(model, parallel, require_weights=args.direction == "hf-to-mcore", hf_config=hf_config)
     print_rank0(f"[convert] {args.direction}: {hf_config.model_type}, {hf_config.num_hidden_layers} layers, "
                 f"TP={parallel.tp} PP={parallel.pp}")
+    if bridge.padded_vocab_size != bridge.vocab_size:
+        print_rank0(f"[convert] vocabulary {bridge.vocab_size} padded to {bridge.padded_vocab_size} for TP="
+                    f"{parallel.tp} (Megatron's rule); HF output carries the {bridge.vocab_size} real rows only")
     models = bridge.build(load_weights=args.direction == "hf-to-mcore")
     print_rank0(f"[convert] model built in {time.time() - start:.1f}s")
     if args.direction == "hf-to-mcore":

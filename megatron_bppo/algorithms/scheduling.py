@@ -33,7 +33,7 @@ COUNTERS = ("prompts_offered", "prompts_planned", "prompts_skipped_solved", "pro
 class AdaptiveScheduler:
     """Pure-python scheduling policy; call order per step: plan_first_round -> plan_next_round* ->
     (prompts_needed -> plan_first_round -> plan_next_round*)* -> record per group -> end_step.
-    ``run_schedule`` below implements exactly that loop over two callbacks."""
+    ``StepSchedule`` below drives exactly that sequence from completion events."""
 
     def __init__(self, n_init: int = 8, g_max: int = 16, n_step: int = 4, history_window: int = HISTORY_WINDOW,
                  skip_after: int = 2, skip_cooldown: Optional[int] = 4, retry_prob: float = 0.0,
@@ -195,34 +195,87 @@ class AdaptiveScheduler:
         self._extended = set()
 
 
-def run_schedule(scheduler: AdaptiveScheduler, prompt_ids: List[Hashable],
-                 sample: Callable[[Dict[Hashable, int]], Mapping[Hashable, Tuple[int, int]]],
-                 draw_prompts: Optional[Callable[[int], List[Hashable]]] = None) -> Dict[Hashable, Tuple[int, int]]:
-    """One step of scheduled rollouts. ``sample({pid: n})`` generates n more completions per prompt (one
-    rollout call) and returns ``{pid: (n_correct_new, n_new)}``; ``draw_prompts(n)`` returns up to n fresh
-    prompt ids. Returns the final ``{pid: (n_correct, n_total)}`` of every planned group; records them and
-    ends the step. Skipped prompts are absent from the result."""
-    state: Dict[Hashable, Tuple[int, int]] = {}
+class StepSchedule:
+    """One step of the schedule driven by completion events, with no round barriers (pure Python).
 
-    def rounds(ids):
-        plan = scheduler.plan_first_round(ids)
-        while plan:
-            for pid, (c, n) in sample(plan).items():
-                c0, n0 = state.get(pid, (0, 0))
-                state[pid] = (c0 + c, n0 + n)
-            plan = scheduler.plan_next_round({p: state.get(p, (0, 0)) for p in plan})
+        StepSchedule(scheduler, prompt_ids, draw_prompts)
+        requests() -> {pid: n} to start now:  the first round of the offered prompts; then n_step more for every
+                      group whose started completions have all resolved and that is still single-class
+                      (plan_next_round); then, once every group is settled, the first round of drawn prompts
+                      (prompts_needed -> draw_prompts -> plan_first_round)
+        resolve(pid, correct)  one started completion of pid finished (True / False) or was left out (None)
+        finish() -> {pid: (n_correct, n_total)} of every planned group; records them and ends the step
 
-    rounds(prompt_ids)
-    drawn = len(prompt_ids)
-    while draw_prompts is not None:
-        mixed = sum(1 for c, n in state.values() if 0 < c < n)
-        extra = scheduler.prompts_needed(mixed, drawn, len(prompt_ids))
-        new = draw_prompts(extra) if extra else []
-        if not new:
-            break
-        drawn += len(new)
-        rounds(new)
-    for pid, (c, n) in state.items():
-        scheduler.record(pid, c, n)
-    scheduler.end_step()
-    return state
+    A group is settled when it is mixed (no later completion can unmix it) or has nothing outstanding after its
+    extension was decided. The decisions are AdaptiveScheduler's, taken on the same (n_correct, n_total) as a
+    round-based loop takes them, so the same completions give the same groups and draws; only when they are
+    taken differs. Fed a whole round at a time (every requests() batch resolved before the next requests()),
+    this is exactly the round-based schedule. Counters: `extra_rounds` counts plan_next_round calls that added
+    samples (a streaming step makes one per batch of groups that resolve together, not one per round)."""
+
+    def __init__(self, scheduler: AdaptiveScheduler, prompt_ids: List[Hashable],
+                 draw_prompts: Optional[Callable[[int], List[Hashable]]] = None):
+        self.scheduler, self.draw_prompts = scheduler, draw_prompts
+        self.base_prompts = self.drawn = len(prompt_ids)
+        self.state: Dict[Hashable, Tuple[int, int]] = {}        # resolved (n_correct, n_total) per planned group
+        self.outstanding: Dict[Hashable, int] = {}              # started, not yet resolved
+        self._ready: List[Hashable] = []                        # groups whose outstanding count just reached 0
+        self._new = scheduler.plan_first_round(prompt_ids)
+        self._finished = False
+
+    def _mixed(self, pid) -> bool:
+        c, n = self.state.get(pid, (0, 0))
+        return 0 < c < n
+
+    def _start(self, plan: Mapping[Hashable, int]) -> Dict[Hashable, int]:
+        for pid, n in plan.items():
+            self.outstanding[pid] = self.outstanding.get(pid, 0) + n
+        return dict(plan)
+
+    def requests(self) -> Dict[Hashable, int]:
+        """The samples to start now (empty: wait for more resolve() calls, or the step is done)."""
+        if self._finished:
+            raise RuntimeError("StepSchedule.requests() after finish()")
+        plan, self._new = dict(self._new), {}
+        if self._ready:
+            extra = self.scheduler.plan_next_round({p: self.state.get(p, (0, 0)) for p in self._ready})
+            self._ready = []
+            for pid, n in extra.items():
+                plan[pid] = plan.get(pid, 0) + n
+        while not plan and self.draw_prompts is not None and self.settled:
+            mixed = sum(1 for p in self.state if self._mixed(p))
+            extra = self.scheduler.prompts_needed(mixed, self.drawn, self.base_prompts)
+            new = self.draw_prompts(extra) if extra else []
+            if not new:
+                self.draw_prompts = None                        # as a round-based loop: no more draws this step
+                break
+            self.drawn += len(new)
+            plan = self.scheduler.plan_first_round(new)
+        return self._start(plan)
+
+    def resolve(self, pid: Hashable, correct: Optional[bool]) -> None:
+        left = self.outstanding.get(pid, 0)
+        if left < 1:
+            raise ValueError(f"group {pid!r}: a completion resolved that was never started")
+        self.outstanding[pid] = left - 1
+        if correct is not None:
+            c, n = self.state.get(pid, (0, 0))
+            self.state[pid] = (c + bool(correct), n + 1)
+        if left == 1:
+            self._ready.append(pid)
+
+    @property
+    def settled(self) -> bool:
+        """No group can still change from single-class to mixed (and nothing waits to be decided)."""
+        return not self._new and not self._ready and all(
+            left == 0 or self._mixed(pid) for pid, left in self.outstanding.items())
+
+    def finish(self) -> Dict[Hashable, Tuple[int, int]]:
+        if any(self.outstanding.values()):
+            raise RuntimeError(f"StepSchedule.finish() with {sum(self.outstanding.values())} completions outstanding")
+        planned = {pid: self.state.get(pid, (0, 0)) for pid in self.outstanding}
+        for pid, (c, n) in planned.items():
+            self.scheduler.record(pid, c, n)
+        self.scheduler.end_step()
+        self._finished = True
+        return planned

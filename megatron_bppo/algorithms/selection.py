@@ -138,6 +138,24 @@ def select_binary(correct, lengths, advantages, valid=None) -> SelectionResult:
     return SelectionResult(mask, _counts(correct, valid, mask))
 
 
+EARLY_STOP_POLICIES = ("off", "as_incorrect", "exclude")
+
+
+def unselectable_running(finished: list[tuple[int, bool]], running: dict) -> list:
+    """Running completions of one group that binary selection can never pick, whatever they end as.
+
+    finished: (length, correct) of the group's finished completions; running: {key: tokens generated so far}.
+    An unfinished completion of length L ends with at least L + 1 tokens; once L > max(shortest finished correct,
+    shortest finished incorrect) it is strictly longer than both, so it can be neither class's shortest, and as
+    a stopped completion of length L it is never picked either (ties go to the lower index, so > not >=)."""
+    shortest_correct = min((n for n, c in finished if c), default=None)
+    shortest_incorrect = min((n for n, c in finished if not c), default=None)
+    if shortest_correct is None or shortest_incorrect is None:
+        return []
+    bound = max(shortest_correct, shortest_incorrect)
+    return [key for key, length in running.items() if length > bound]
+
+
 @register_selector("random_pair")
 def select_random_pair(correct, lengths, advantages, valid=None, seed: int = 0) -> SelectionResult:
     """Control for BPPO: per mixed group, one uniformly random correct and one uniformly random incorrect valid

@@ -14,6 +14,23 @@ mbridge adaptations (instance-level configuration of the bridge object; nothing 
 - mbridge's Llama table maps a tied model's last-stage output layer (PP > 1) to lm_head.weight.
 - mbridge's get_model calls `.cuda()` unless (use_torch_fsdp2 and use_cpu_initialization); on CPU we pass
   both (with wrap_with_ddp=False the fsdp2 flag has no other effect) and wrap Megatron DDP ourselves.
+
+Vocabulary padding (as Megatron-LM does: megatron/training/tokenizer/tokenizer.py `_vocab_size_with_padding`,
+multiple = make_vocab_size_divisible_by (default 128) * TP; megatron-core 0.16.1 ships no megatron/training, so the
+rule lives in `padded_vocab_size` here). mbridge 0.15.1 does the rest when its constructor gets
+`make_vocab_size_divisible_by` (= 128 * TP): GPTModel is built with the padded size (llm_bridge.py:179-187), the
+HF embedding / lm_head get zero rows appended on load (core/bridge.py:776-791) and the padded rows are cut off again
+on export (core/bridge.py:693-702). The padded rows are never sampled (the engine only ever receives the exported,
+unpadded tensors), never scored (learner.token_logprobs masks their logits to -inf before the vocab-parallel
+log-softmax, so they get exactly zero gradient and stay zero), and Megatron checkpoints stay layout-free: megatron-core
+marks the embedding and output layer `allow_shape_mismatch` (tensor_parallel/layers.py:309-319,
+language_module.py:302), so a checkpoint padded for one TP loads at another.
+
+RoPE scaling: transformers 5 keeps it in `config.rope_parameters` (`rope_scaling` in config.json; transformers 4 kept
+`config.rope_scaling`). mbridge's Llama bridge reads `"rope_scaling" in hf_config`, which is False under
+transformers 5 (so scaling was silently dropped), and when it does fire it maps every type to linear position
+interpolation (models/llama.py:80-88); Qwen bridges ignore it. Here: none/"default", "linear" and "llama3" are mapped
+exactly (same inverse frequencies as transformers, `apply_rope_scaling`); anything else is a ConfigError.
 """
 from __future__ import annotations
 
@@ -60,13 +77,115 @@ def read_hf_config(hf_dir: str, trust_remote_code: bool = False, require_weights
                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     if not hasattr(config, "rope_theta"):
         config.rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    scaling = getattr(config, "rope_scaling", None)
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default", "linear"):
-        raise ConfigError(f"{label}: rope scaling {scaling} is not supported by this bridge "
-                          "(only none or linear)")
+    rope_scaling_of(config, label)
+    check_architecture(config, label)
     if require_weights:
         check_safetensors(hf_dir, label)
     return config
+
+
+# ------------------------------------------------------------------------------------- RoPE scaling
+ROPE_TYPES = ("default", "linear", "llama3")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_ROPE_FIX = ("to train within the checkpoint's original context, delete the rope_scaling entry from config.json "
+             "(transformers and vLLM then run unscaled too), or pick a checkpoint without it")
+
+
+def rope_scaling_of(hf_config, label: str = "") -> dict | None:
+    """The checkpoint's RoPE scaling, {"rope_type": "linear" | "llama3", <its parameters>}, or None when unscaled.
+    Reads transformers 5's `rope_parameters` (config.json `rope_scaling` + `rope_theta`) or transformers 4's
+    `rope_scaling`. ConfigError, naming the key and the fix, for anything `apply_rope_scaling` cannot reproduce."""
+    label = label or "model.path"
+    params = getattr(hf_config, "rope_parameters", None)
+    if params is None:
+        params = getattr(hf_config, "rope_scaling", None)
+    params = dict(params or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise ConfigError(f"{label}: config.json has per-layer-type rope parameters ({sorted(params)}), which this "
+                          "bridge does not map; supported model types: " + ", ".join(SUPPORTED_MODEL_TYPES))
+    partial = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"{label}: config.json partial_rotary_factor={partial} is not supported by this bridge "
+                          "(rotary embedding on the whole head only); use a checkpoint with full rotary dims")
+    rope_type = params.get("rope_type", params.get("type")) or "default"
+    if rope_type == "default":
+        return None
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"{label}: config.json rope_scaling.rope_type={rope_type!r} is not supported by this "
+                          f"bridge (supported: none, 'linear', 'llama3'): {_ROPE_FIX}")
+    needed = ("factor",) if rope_type == "linear" else _LLAMA3_KEYS
+    missing = [k for k in needed if params.get(k) is None]
+    if missing:
+        raise ConfigError(f"{label}: config.json rope_scaling (rope_type {rope_type!r}) lacks "
+                          f"{', '.join(missing)}: add {'them' if len(missing) > 1 else 'it'} as in the original "
+                          "model's config.json")
+    if not float(params["factor"]) > 0:
+        raise ConfigError(f"{label}: config.json rope_scaling.factor={params['factor']} must be > 0")
+    if rope_type == "llama3" and not float(params["high_freq_factor"]) > float(params["low_freq_factor"]):
+        raise ConfigError(f"{label}: config.json rope_scaling.high_freq_factor={params['high_freq_factor']} must "
+                          f"exceed low_freq_factor={params['low_freq_factor']} (Llama 3.1 uses 4 and 1)")
+    return {"rope_type": rope_type, **{k: int(params[k]) if k == "original_max_position_embeddings"
+                                       else float(params[k]) for k in needed}}
+
+
+def rope_gptmodel_args(rope: dict | None) -> dict:
+    """GPTModel keyword arguments for a rope_scaling_of result. llama3 turns megatron-core's own Llama 3 scaling on
+    (gpt_model.py:104-105 -> RotaryEmbedding rope_scaling / rope_scaling_factor, rotary_pos_embedding.py:83); megatron
+    hard-codes low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192 there (the Llama 3.1
+    values), so `apply_rope_scaling` re-derives the frequencies with the checkpoint's own values after the build.
+    linear: no GPTModel argument (its seq_len_interpolation_factor scales positions, transformers scales
+    frequencies: equal in exact arithmetic, not in float32); `apply_rope_scaling` divides the frequencies instead."""
+    if rope and rope["rope_type"] == "llama3":
+        return {"rope_scaling": True, "rope_scaling_factor": rope["factor"]}
+    return {}
+
+
+def apply_rope_scaling(rotary_pos_emb, rope: dict | None, rope_theta: float):
+    """Set a megatron-core RotaryEmbedding's inverse frequencies to exactly transformers' for this scaling
+    (modeling_rope_utils.py `_compute_linear_scaling_rope_parameters` / `_compute_llama3_parameters`): the unscaled
+    frequencies computed as both libraries do, then `/ factor` (linear) or megatron-core's
+    RotaryEmbedding._apply_scaling (rotary_pos_embedding.py:92-126, the same formula as transformers') called with
+    all four Llama 3 parameters. Call before the first forward (RotaryEmbedding.forward is lru_cached)."""
+    if not rope:
+        return
+    inv_freq = rotary_pos_emb.inv_freq
+    dim = 2 * inv_freq.numel()
+    base = 1.0 / (rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=inv_freq.device) / dim))
+    if rope["rope_type"] == "linear":
+        rotary_pos_emb.inv_freq = base / rope["factor"]
+    else:
+        rotary_pos_emb.inv_freq = rotary_pos_emb._apply_scaling(
+            base, factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+            high_freq_factor=rope["high_freq_factor"],
+            original_max_position_embeddings=rope["original_max_position_embeddings"])
+
+
+def check_architecture(hf_config, label: str = ""):
+    """Config keys that the mbridge mapping would silently get wrong: ConfigError naming the key and the fix."""
+    label = label or "model.path"
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{label}: config.json hidden_act={act!r} is not supported (the bridge builds SwiGLU "
+                          "MLPs); use a checkpoint with hidden_act 'silu'")
+    if getattr(hf_config, "mlp_bias", False):
+        raise ConfigError(f"{label}: config.json mlp_bias=true is not supported (mbridge maps no MLP biases); "
+                          "use a checkpoint with mlp_bias false")
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ConfigError(f"{label}: config.json use_sliding_window=true is not supported (Megatron runs full "
+                          "attention here); set use_sliding_window to false in config.json if the model was trained "
+                          "or is used within sliding_window tokens")
+
+
+# ------------------------------------------------------------------------------------- vocabulary padding
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128          # Megatron-LM's --make-vocab-size-divisible-by default
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
+    """Megatron-LM's rule (megatron/training/tokenizer/tokenizer.py `_vocab_size_with_padding`): round up to a
+    multiple of make_vocab_size_divisible_by * TP, so every TP shard of the embedding / output layer is a whole
+    multiple of `divisible_by` rows. E.g. 32001 -> 32128 at TP1, 32256 at TP2; 509 -> 512 at TP1..4."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
 
 
 _MAX_SAFETENSORS_HEADER = 100 << 20          # the safetensors library's own limit on the JSON header
@@ -123,9 +242,10 @@ def check_safetensors(hf_dir: str, label: str = ""):
 
 
 def model_dims(hf_config) -> dict:
+    """What the layout check needs. No vocab_size: a vocabulary TP does not divide is padded (padded_vocab_size)."""
     return dict(num_heads=hf_config.num_attention_heads,
                 num_kv_heads=getattr(hf_config, "num_key_value_heads", hf_config.num_attention_heads),
-                num_layers=hf_config.num_hidden_layers, vocab_size=hf_config.vocab_size)
+                num_layers=hf_config.num_hidden_layers)
 
 
 def open_model(model, parallel, seed: int = 1234, require_weights: bool = True, hf_config=None):
@@ -149,6 +269,7 @@ class HFBridge:
     def __init__(self, hf_dir: str, dtype: str = "float32", spec: str = "auto", trust_remote_code: bool = False,
                  require_weights: bool = True, hf_config=None):
         """hf_config: the result of read_hf_config(hf_dir, ...) when the caller has it (read once per start)."""
+        from megatron.core import parallel_state as ps
         from mbridge import AutoBridge
 
         self.hf_dir = hf_dir
@@ -159,7 +280,14 @@ class HFBridge:
         if spec == "te" and not have_transformer_engine():
             raise ConfigError("model.spec=te but TransformerEngine is not importable on a CUDA machine: "
                               "install the gpu extra or use model.spec=local")
-        self.bridge = AutoBridge.from_config(self.hf_config, dtype=self.dtype)
+        tp = ps.get_tensor_model_parallel_world_size()
+        self.vocab_size = int(self.hf_config.vocab_size)
+        self.padded_vocab_size = padded_vocab_size(self.vocab_size, tp)
+        self.rope_scaling = rope_scaling_of(self.hf_config)
+        # mbridge pads to a multiple of make_vocab_size_divisible_by alone; the TP factor makes it Megatron's rule
+        self.bridge = AutoBridge.from_config(self.hf_config, dtype=self.dtype,
+                                             make_vocab_size_divisible_by=MAKE_VOCAB_SIZE_DIVISIBLE_BY * tp)
+        self._map_rope_scaling()
         if getattr(self.hf_config, "tie_word_embeddings", False):
             # With PP > 1 the last stage holds its own copy of the tied output layer; mbridge's Llama table maps
             # it to lm_head.weight, which a tied checkpoint does not have (Qwen2Bridge remaps it, Llama does not).
@@ -173,6 +301,36 @@ class HFBridge:
             self._use_local_spec()
         self.bridge.set_extra_args(**extra)
         self.config = self.bridge.config
+
+    def _map_rope_scaling(self):
+        """GPTModel's rope arguments from rope_gptmodel_args, never mbridge's.
+
+        WORKAROUND (mbridge 0.15.1, models/llama.py:80-88): its Llama bridge tests `"rope_scaling" in hf_config`
+        (always False under transformers 5, so scaling was silently dropped) and, when it fires, passes every
+        rope type as linear position interpolation (seq_len_interpolation_factor); Qwen bridges pass none. We wrap
+        the bridge instance's private _get_gptmodel_args to drop that and add megatron-core's own arguments."""
+        original = self.bridge._get_gptmodel_args
+        extra = rope_gptmodel_args(self.rope_scaling)
+
+        def gptmodel_args():
+            args = original()
+            args.pop("seq_len_interpolation_factor", None)
+            args.update(extra)
+            return args
+
+        self.bridge._get_gptmodel_args = gptmodel_args
+
+    def _on_model_created(self, model, **_):
+        """mbridge post-creation callback, once per model chunk, before weights load and before any forward."""
+        if model.vocab_size != self.padded_vocab_size:
+            raise RuntimeError(f"mbridge built a vocabulary of {model.vocab_size} rows; expected "
+                               f"{self.padded_vocab_size} ({self.vocab_size} padded for TP)")
+        model.hf_vocab_size = self.vocab_size        # what the learner masks the padded logit columns with
+        rotary = getattr(model, "rotary_pos_emb", None)
+        if rotary is not None:
+            apply_rope_scaling(rotary, self.rope_scaling, float(self.hf_config.rope_theta))
+        elif self.rope_scaling:
+            raise RuntimeError("rope scaling is set but the model has no rotary embedding to scale")
 
     def _use_local_spec(self):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -192,20 +350,30 @@ class HFBridge:
     def build(self, load_weights: bool = True) -> list[torch.nn.Module]:
         """Megatron model chunks for this rank's pipeline stage (no DDP), weights from the HF dir."""
         on_cpu = not self.platform.is_cuda
-        return self.bridge.get_model(
+        models = self.bridge.get_model(
             weight_path=self.hf_dir if load_weights else None, wrap_with_ddp=False,
             bf16=self.dtype is torch.bfloat16, fp16=self.dtype is torch.float16,
-            use_cpu_initialization=on_cpu, use_torch_fsdp2=on_cpu)
+            use_cpu_initialization=on_cpu, use_torch_fsdp2=on_cpu,
+            post_model_creation_callbacks=[self._on_model_created])
+        if (self.bridge.vocab_size, self.bridge.padded_vocab_size) != (self.vocab_size, self.padded_vocab_size):
+            raise RuntimeError(f"mbridge pads the vocabulary {self.bridge.vocab_size} -> "
+                               f"{self.bridge.padded_vocab_size}; expected {self.vocab_size} -> "
+                               f"{self.padded_vocab_size}")
+        return models
 
     @torch.no_grad()
     def export_hf_weights(self, models) -> Iterator[tuple[str, torch.Tensor]]:
         """Full HF-named tensors, TP-gathered and broadcast across PP; every rank receives every tensor.
-        Tied embeddings are yielded once."""
+        Tied embeddings are yielded once. Vocabulary tensors come out unpadded (mbridge cuts the padded rows,
+        core/bridge.py:693-702); a tensor with another row count is an error, never passed on."""
         seen = set()
         for name, tensor in self.bridge.export_weights(models):
             if name in seen:
                 continue
             seen.add(name)
+            if name in VOCAB_TENSORS and tensor.shape[0] != self.vocab_size:
+                raise RuntimeError(f"export of {name}: {tensor.shape[0]} rows, expected the checkpoint's "
+                                   f"vocab_size {self.vocab_size} (padded rows must never leave the learner)")
             yield name, tensor
 
     def save_hf(self, models, out_dir: str, shard_bytes: int = 2 << 30, progress=None):
@@ -214,6 +382,7 @@ class HFBridge:
                            shard_bytes=shard_bytes, progress=progress)
 
 
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
 

@@ -1,7 +1,12 @@
-"""The rollout-engine interface: what the trainer asks of any sampler (vLLM here, another backend later).
+"""The rollout-engine interface: what the trainer asks of any sampler (vLLM, transformers).
 
+    [SampleRequest(key, group, prompt ids, seed)] --(RolloutEngine.run_requests: SamplingConfig, one batch)-->
+      [Completion] in request order: every request is one sample with its own seed
     prompt token ids [P][*], samples per prompt n (int or [P])
-      --(RolloutEngine.generate: SamplingConfig)--> [P][n_i] Completion(token ids, text, per-token log-probs, finish)
+      --(RolloutEngine.generate: requests (i, s) seeded engine_prompt_seed(seed, i) + s)--> [P][n_i] Completion
+    requests added at any time --(RolloutEngine.stream(sampling) -> RolloutStream: add / step / stop)-->
+      completions as they finish (vLLM: one continuous batch; the default: each step() runs what was added as
+      one run_requests batch, i.e. round barriers)
     sequences [S][*] --(RolloutEngine.score)--> [S] per-token log-probs (len L-1, like Learner.compute_logprobs)
     (hf_name, full tensor)* --(RolloutEngine.update_weights)--> engine holds the learner's weights
     sleep() / wake_up(): hand accelerator memory to the learner and back between phases
@@ -14,11 +19,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+from typing import Hashable, Iterable, Optional, Sequence, Union
 
 import torch
 
 from ..config import SamplingConfig
+from ..errors import ConfigError
+from ..seeds import engine_prompt_seed
 
 
 class RolloutEngineError(RuntimeError):
@@ -33,6 +40,77 @@ class Completion:
     logprobs: torch.Tensor                # float32 [len(token_ids)]: the engine's log-prob of each sampled token
     finish_reason: str                    # "stop" (EOS / stop string / stop token) | "length" | "abort"
     sample_index: int = 0                 # which of the n samples of this prompt
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    key: Hashable                         # the caller's name for this sample, e.g. (prompt id, sample index)
+    group: Hashable                       # samples of one group stay on one engine replica (shared prompt cache)
+    prompt_token_ids: tuple[int, ...]
+    seed: Optional[int]                   # None: the engine's own RNG stream
+
+
+@dataclass
+class StreamStep:
+    finished: list[tuple[Hashable, Completion]]     # (request key, completion) finished during this step
+    running: dict                                   # request key -> tokens generated so far (unfinished requests);
+                                                    # filled only by streams opened with track_running=True
+
+
+class RolloutStream(abc.ABC):
+    """Requests added at any time, completions returned as they finish. Every rank calls every method with the
+    same arguments and gets the same results (an implementation over several replicas gathers them)."""
+
+    @abc.abstractmethod
+    def add(self, requests: Sequence[SampleRequest]) -> None:
+        """Start these samples (keys unique within the stream)."""
+
+    @abc.abstractmethod
+    def step(self) -> StreamStep:
+        """Advance the engine; the requests that finished meanwhile (every rank gets the same list)."""
+
+    @abc.abstractmethod
+    def stop(self, keys: Sequence[Hashable]) -> dict:
+        """Abort these unfinished requests -> {key: Completion of the tokens generated so far, finish "abort",
+        log-probs 0 (they are never trained)}."""
+
+    @property
+    @abc.abstractmethod
+    def outstanding(self) -> int:
+        """Requests added and neither finished nor stopped."""
+
+    def close(self) -> None:
+        """Drop whatever is still outstanding (after an error: the engine must be usable again)."""
+
+
+class BatchStream(RolloutStream):
+    """The stream of an engine without continuous batching: step() runs every request added since the last step
+    as one run_requests batch and returns all of it (so a schedule on top proceeds in rounds). Nothing is ever
+    running between steps, so nothing can be stopped."""
+
+    def __init__(self, engine: "RolloutEngine", sampling: SamplingConfig):
+        self.engine, self.sampling, self.pending = engine, sampling, []
+
+    def add(self, requests):
+        self.pending.extend(requests)
+
+    def step(self) -> StreamStep:
+        batch, self.pending = self.pending, []
+        return StreamStep(list(zip([r.key for r in batch], self.engine.run_requests(batch, self.sampling))), {})
+
+    def stop(self, keys):
+        if keys:
+            raise ValueError(f"{len(keys)} requests to stop, but this engine runs rounds (BatchStream): nothing "
+                             "runs between steps. Early stop needs rollout.backend=vllm with rollout.schedule=stream; "
+                             "otherwise set algorithm.early_stop=off")
+        return {}
+
+    def close(self) -> None:
+        self.pending = []
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.pending)
 
 
 @dataclass
@@ -72,9 +150,63 @@ class RolloutEngine(abc.ABC):
     """A sampler that can take new weights. See the module docstring for the data path."""
 
     @abc.abstractmethod
+    def run_requests(self, requests: Sequence[SampleRequest], sampling: SamplingConfig) -> list[Completion]:
+        """One batch of single samples, each with its own seed (sampling.seed and sampling.n are not used);
+        Completion.prompt_index is the request's position. The same random stream per seed whatever else is in the
+        batch (the tokens too where the forward pass is batch-invariant, as vLLM's on CPU)."""
+
     def generate(self, prompt_token_ids: list[list[int]], n: Union[int, Sequence[int], None] = None,
                  sampling: Optional[SamplingConfig] = None) -> list[list[Completion]]:
-        """n[i] samples of prompt i (n may differ per prompt; 0 gives an empty list)."""
+        """n[i] samples of prompt i (n may differ per prompt; 0 gives an empty list). Sample s of prompt i is
+        seeded engine_prompt_seed(sampling.seed, i) + s: what vLLM gives the children of an n > 1 request
+        (vllm 0.32.0 v1/engine/parallel_sampling.py), so one code path serves generate and the schedule."""
+        sampling = (sampling or SamplingConfig()).validate()
+        counts = normalize_n(n, len(prompt_token_ids), sampling.n)
+        requests = [SampleRequest((i, s), i, tuple(map(int, prompt_token_ids[i])),
+                                  None if sampling.seed is None else engine_prompt_seed(sampling.seed, i) + s)
+                    for i, c in enumerate(counts) for s in range(c)]
+        out: list[list[Completion]] = [[] for _ in prompt_token_ids]
+        for request, completion in zip(requests, self.run_requests(requests, sampling)):
+            i, s = request.key
+            completion.prompt_index, completion.sample_index = i, s
+            out[i].append(completion)
+        return out
+
+    # Checks every engine runs before sampling (they read cfg.max_model_len, _closed, _sleeping, _weights_valid).
+    def _check_usable(self):
+        if self._closed:
+            raise RolloutEngineError("the rollout engine was closed")
+        if self._sleeping:
+            raise RolloutEngineError("the rollout engine is asleep: call wake_up() before generate()/score()")
+        if not self._weights_valid:
+            raise RolloutEngineError("the engine holds no complete learner weights (started with "
+                                     "rollout.load_format=dummy, discarded by sleep(level=2), or the last "
+                                     "update_weights() failed): call update_weights() (weight_sync.sync_weights)")
+
+    def _check_lengths(self, lengths: list[int], extra: int, what: str):
+        limit = self.cfg.max_model_len
+        for i, n in enumerate(lengths):
+            if n == 0:
+                raise ValueError(f"{what} {i} is empty")
+            if n + extra > limit:
+                need = n + extra
+                raise RolloutEngineError(
+                    f"{what} {i} has {n} tokens; with {extra} more it needs {need} > rollout.max_model_len="
+                    f"{limit}: raise rollout.max_model_len to at least {need}"
+                    + (", lower sampling.max_tokens" if what == "prompt" else "")
+                    + f" or drop {what}s longer than {limit - extra} tokens")
+
+    def _check_requests(self, requests: Sequence[SampleRequest], sampling: SamplingConfig, has_tokenizer: bool):
+        self._check_usable()
+        if sampling.stop_strings and not has_tokenizer:
+            raise ConfigError("sampling.stop has strings but the engine was started without a tokenizer: "
+                              "give stop token ids instead")
+        self._check_lengths([len(r.prompt_token_ids) for r in requests], sampling.max_tokens, "prompt")
+
+    def stream(self, sampling: SamplingConfig, track_running: bool = False) -> RolloutStream:
+        """A stream of requests (see RolloutStream). The default runs them in rounds (BatchStream); engines with
+        continuous batching override it. track_running: report running requests' lengths (for early stop)."""
+        return BatchStream(self, sampling.validate())
 
     @abc.abstractmethod
     def score(self, sequences: Iterable[Sequence[int]]) -> list[torch.Tensor]:
@@ -92,7 +224,7 @@ class RolloutEngine(abc.ABC):
 
     @property
     def is_sleeping(self) -> bool:
-        return False
+        return getattr(self, "_sleeping", False)
 
     def close(self) -> None:
         """Shut the engine down and free its memory."""

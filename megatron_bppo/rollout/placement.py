@@ -70,6 +70,17 @@ def assign(costs: list[int], replicas: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
+def replica_requests(requests, max_tokens: int, layout: ReplicaLayout) -> list[int]:
+    """Indices of the SampleRequests this replica runs: whole groups (request.group: one prompt's samples share its
+    prefix cache), dealt by `assign` on samples x (prompt + max_tokens); sorted."""
+    groups: dict = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.group, []).append(i)
+    members = list(groups.values())
+    costs = [sum(len(requests[i].prompt_token_ids) + max_tokens for i in m) for m in members]
+    return sorted(i for g in assign(costs, layout.replicas)[layout.replica] for i in members[g])
+
+
 def gather(local: dict[int, Any], layout: ReplicaLayout) -> dict[int, Any]:
     """Merge {index: result} from every replica's first rank; every rank gets the union."""
     if layout.world_size == 1:

@@ -51,15 +51,15 @@ import logging
 import os
 import time
 import weakref
-from typing import Iterable, Optional, Sequence, Union
+from typing import Hashable, Iterable, Optional, Sequence
 
 import torch
 
 from ..config import RolloutConfig, SamplingConfig
 from ..errors import ConfigError
-from ..seeds import engine_prompt_seed
-from .engine import Completion, RolloutEngine, RolloutEngineError, WeightUpdateStats, normalize_n
-from .placement import ReplicaLayout, assign, gather, replica_layout
+from .engine import (Completion, RolloutEngine, RolloutEngineError, RolloutStream, SampleRequest, StreamStep,
+                     WeightUpdateStats)
+from .placement import ReplicaLayout, assign, gather, replica_layout, replica_requests
 
 logger = logging.getLogger(__name__)
 
@@ -301,38 +301,14 @@ class VLLMEngine(RolloutEngine):
             logger.info("KV cache holds %d tokens: fewer than rollout.max_num_seqs=%d full-length sequences run "
                         "at once (vLLM queues the rest)", tokens, self.cfg.max_num_seqs)
 
-    def _check_usable(self):
-        if self._closed:
-            raise RolloutEngineError("the rollout engine was closed")
-        if self._sleeping:
-            raise RolloutEngineError("the rollout engine is asleep: call wake_up() before generate()/score()")
-        if not self._weights_valid:
-            raise RolloutEngineError("the engine holds no complete learner weights (started with "
-                                     "rollout.load_format=dummy, discarded by sleep(level=2), or the last "
-                                     "update_weights() failed): call update_weights() (weight_sync.sync_weights)")
-
-    def _check_lengths(self, lengths: list[int], extra: int, what: str):
-        limit = self.cfg.max_model_len
-        for i, n in enumerate(lengths):
-            if n == 0:
-                raise ValueError(f"{what} {i} is empty")
-            if n + extra > limit:
-                need = n + extra
-                raise RolloutEngineError(
-                    f"{what} {i} has {n} tokens; with {extra} more it needs {need} > rollout.max_model_len="
-                    f"{limit}: raise rollout.max_model_len to at least {need}"
-                    + (", lower sampling.max_tokens" if what == "prompt" else "")
-                    + f" or drop {what}s longer than {limit - extra} tokens")
-
     # ------------------------------------------------------------------ sampling
-    def _sampling_params(self, sampling: SamplingConfig, count: int, prompt_index: int, **extra):
+    def _sampling_params(self, sampling: SamplingConfig, seed: Optional[int], **extra):
         from vllm import SamplingParams
 
         return SamplingParams(
-            n=count, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+            n=1, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
             stop=sampling.stop_strings or None, stop_token_ids=sampling.stop_token_ids or None,
-            ignore_eos=sampling.ignore_eos, logprobs=0, detokenize=not self.skip_tokenizer,
-            seed=None if sampling.seed is None else engine_prompt_seed(sampling.seed, prompt_index), **extra)
+            ignore_eos=sampling.ignore_eos, logprobs=0, detokenize=not self.skip_tokenizer, seed=seed, **extra)
 
     def _run(self, prompts: list[list[int]], params: list):
         from vllm.inputs import TokensPrompt
@@ -343,27 +319,27 @@ class VLLMEngine(RolloutEngine):
             return self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts], params,
                                      use_tqdm=False)
         except torch.OutOfMemoryError as e:
-            key = "rollout.gpu_memory_utilization" if self.on_gpu else "rollout.kv_cache_memory_bytes"
-            raise RolloutEngineError(f"out of memory while generating: lower rollout.max_num_seqs="
-                                     f"{self.cfg.max_num_seqs} or {key}, or shorten sampling.max_tokens") from e
+            raise self._oom_error() from e
 
-    def generate(self, prompt_token_ids: list[list[int]], n: Union[int, Sequence[int], None] = None,
-                 sampling: Optional[SamplingConfig] = None) -> list[list[Completion]]:
-        sampling = (sampling or SamplingConfig()).validate()
-        counts = normalize_n(n, len(prompt_token_ids), sampling.n)
-        self._check_usable()
-        if sampling.stop_strings and self.skip_tokenizer:
-            raise ConfigError("sampling.stop has strings but the engine was started without a tokenizer: "
-                              "give stop token ids instead")
-        self._check_lengths([len(p) for p in prompt_token_ids], sampling.max_tokens, "prompt")
-        costs = [c * (len(p) + sampling.max_tokens) for c, p in zip(counts, prompt_token_ids)]
-        mine = assign(costs, self.layout.replicas)[self.layout.replica]
-        outputs = self._run([prompt_token_ids[i] for i in mine],
-                            [self._sampling_params(sampling, counts[i], i) for i in mine])
-        local = {i: [self._completion(i, c) for c in sorted(out.outputs, key=lambda c: c.index)]
-                 for i, out in zip(mine, outputs)}
+    def _oom_error(self) -> RolloutEngineError:
+        key = "rollout.gpu_memory_utilization" if self.on_gpu else "rollout.kv_cache_memory_bytes"
+        return RolloutEngineError(f"out of memory while generating: lower rollout.max_num_seqs={self.cfg.max_num_seqs}"
+                                  f" or {key}, or shorten sampling.max_tokens")
+
+    def run_requests(self, requests: Sequence[SampleRequest], sampling: SamplingConfig) -> list[Completion]:
+        """Whole groups are dealt to replicas (placement.assign on samples x tokens), each replica runs its share
+        in one LLM.generate call, and every rank gets every completion."""
+        sampling = sampling.validate()
+        self._check_requests(requests, sampling, has_tokenizer=not self.skip_tokenizer)
+        mine = replica_requests(requests, sampling.max_tokens, self.layout)
+        outputs = self._run([list(requests[i].prompt_token_ids) for i in mine],
+                            [self._sampling_params(sampling, requests[i].seed) for i in mine])
+        local = {i: self._completion(i, out.outputs[0]) for i, out in zip(mine, outputs)}
         results = gather(local, self.layout)
-        return [results.get(i, []) for i in range(len(prompt_token_ids))]
+        return [results[i] for i in range(len(requests))]
+
+    def stream(self, sampling: SamplingConfig, track_running: bool = False) -> RolloutStream:
+        return _VLLMStream(self, sampling.validate(), track_running)
 
     def _completion(self, prompt_index: int, out) -> Completion:
         tokens = list(out.token_ids)
@@ -384,7 +360,7 @@ class VLLMEngine(RolloutEngine):
         mine = assign([len(s) for s in sequences], self.layout.replicas)[self.layout.replica]
         greedy = SamplingConfig(temperature=0.0, max_tokens=1)
         outputs = self._run([sequences[i] for i in mine],
-                            [self._sampling_params(greedy, 1, i, prompt_logprobs=0) for i in mine])
+                            [self._sampling_params(greedy, None, prompt_logprobs=0) for i in mine])
         local = {}
         for i, out in zip(mine, outputs):
             steps = out.prompt_logprobs[1:]
@@ -440,10 +416,6 @@ class VLLMEngine(RolloutEngine):
         self._weights_valid = True
         return stats
 
-    @property
-    def is_sleeping(self) -> bool:
-        return self._sleeping
-
     def sleep(self, level: Optional[int] = None) -> None:
         """GPU: vLLM sleep mode (level 1 offloads weights to host, 2 discards them; the KV cache is freed).
         CPU: vLLM is not asked to sleep (see below); only the prefix cache is cleared, as vLLM's own sleep does.
@@ -485,3 +457,136 @@ class VLLMEngine(RolloutEngine):
         self._closed = True
         self._finalizer()
         del self.llm
+
+
+class _VLLMStream(RolloutStream):
+    """One continuous batch per replica through vLLM's engine-level request API (vllm 0.32.0: LLM.enqueue,
+    LLMEngine.step / abort_request): requests join the running batch the moment they are added.
+
+    Placement: the first request of a group goes to the replica with the least outstanding work (prompt +
+    max_tokens per request), later requests of the group follow it (its prompt is in that replica's prefix cache).
+    Every rank sees the same adds, finishes and stops, so every rank computes the same placement. With several
+    replicas, step() runs rollout.stream_sync_steps engine steps and then gathers each replica leader's results
+    (one all_gather_object; stop() one more), so every rank of the job moves in lockstep until the caller has
+    nothing outstanding: the caller learns of a finished sample up to stream_sync_steps - 1 steps late, in
+    exchange for fewer collectives (at world size 1 every step reports at once, with no collective).
+
+    WORKAROUND (vllm 0.32.0, v1/engine/output_processor.py RequestState): vLLM exposes the tokens of an unfinished
+    request only through streamed outputs (RequestOutputKind.DELTA, which LLM.enqueue overrides with FINAL_ONLY).
+    We read them from the output processor's request_states[internal id].detokenizer.output_token_ids -- the
+    tokens vLLM has already produced for it -- for the running lengths (track_running) and for stopped requests.
+    LLM.enqueue returns internal request ids; finished RequestOutputs carry the external id
+    (request_states[...].external_req_id, input_processor.assign_request_id)."""
+
+    def __init__(self, engine: "VLLMEngine", sampling: SamplingConfig, track_running: bool):
+        self.engine, self.sampling, self.track_running = engine, sampling, track_running
+        self.layout = engine.layout
+        self.owner: dict = {}                                 # group -> replica
+        self.load = [0] * self.layout.replicas                # outstanding work per replica
+        self.placed: dict = {}                                # key -> (replica, cost) of every outstanding request
+        self.by_external: dict[str, Hashable] = {}            # this replica's requests: vLLM external id -> key
+        self.by_internal: dict[str, Hashable] = {}            # ... internal id -> key
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.placed)
+
+    def add(self, requests: Sequence[SampleRequest]) -> None:
+        from vllm.inputs import TokensPrompt
+
+        self.engine._check_requests(requests, self.sampling, has_tokenizer=not self.engine.skip_tokenizer)
+        mine = []
+        for r in requests:
+            if r.key in self.placed:
+                raise ValueError(f"request {r.key!r} is already running in this stream")
+            replica = self.owner.setdefault(r.group, min(range(self.layout.replicas),
+                                                         key=lambda x: (self.load[x], x)))
+            cost = len(r.prompt_token_ids) + self.sampling.max_tokens
+            self.load[replica] += cost
+            self.placed[r.key] = (replica, cost)
+            if replica == self.layout.replica:
+                mine.append(r)
+        if not mine:
+            return
+        llm = self.engine.llm
+        try:
+            ids = llm.enqueue([TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in mine],
+                              [self.engine._sampling_params(self.sampling, r.seed) for r in mine], use_tqdm=False)
+        except torch.OutOfMemoryError as e:
+            raise self.engine._oom_error() from e
+        states = llm.llm_engine.output_processor.request_states
+        for internal, r in zip(ids, mine):
+            self.by_internal[internal] = r.key
+            self.by_external[states[internal].external_req_id] = r.key
+
+    def _release(self, key) -> None:
+        replica, cost = self.placed.pop(key)
+        self.load[replica] -= cost
+
+    def _merge(self, local):
+        """(list, dict) from this replica -> the same from every replica, concatenated in replica order."""
+        if self.layout.world_size == 1:
+            return local
+        parts = gather({self.layout.replica: local} if self.layout.is_leader else {}, self.layout)
+        finished, running = [], {}
+        for replica in sorted(parts):
+            finished += parts[replica][0]
+            running.update(parts[replica][1])
+        return finished, running
+
+    def step(self) -> StreamStep:
+        """One engine step; with several replicas, up to rollout.stream_sync_steps of them before the gather."""
+        finished, running = [], {}
+        engine = self.engine.llm.llm_engine
+        for _ in range(self.engine.cfg.stream_sync_steps if self.layout.replicas > 1 else 1):
+            if not self.by_external:
+                break
+            try:
+                outputs = engine.step()
+            except torch.OutOfMemoryError as e:
+                raise self.engine._oom_error() from e
+            for out in outputs:
+                if out.finished and out.request_id in self.by_external:
+                    key = self.by_external.pop(out.request_id)
+                    finished.append((key, self.engine._completion(0, out.outputs[0])))
+        done = {k for k, _ in finished}
+        self.by_internal = {i: k for i, k in self.by_internal.items() if k not in done}
+        if self.track_running and self.by_internal:
+            states = engine.output_processor.request_states
+            running = {k: states[i].detokenizer.num_output_tokens() for i, k in self.by_internal.items()
+                       if i in states}
+        finished, running = self._merge((finished, running))
+        for key, _ in finished:
+            self._release(key)
+        return StreamStep(finished, running)
+
+    def stop(self, keys: Sequence[Hashable]) -> dict:
+        wanted = set(keys)
+        engine = self.engine.llm.llm_engine
+        stopped, internal = [], []
+        states = engine.output_processor.request_states
+        for i, key in list(self.by_internal.items()):
+            if key in wanted:
+                tokens = list(states[i].detokenizer.output_token_ids) if i in states else []
+                stopped.append((key, Completion(prompt_index=0, token_ids=tokens, text="",
+                                                logprobs=torch.zeros(len(tokens)), finish_reason="abort")))
+                internal.append(i)
+                del self.by_internal[i]
+        if internal:
+            engine.abort_request(internal, internal=True)
+            gone = {k for k, _ in stopped}
+            self.by_external = {e: k for e, k in self.by_external.items() if k not in gone}
+        stopped, _ = self._merge((stopped, {}))
+        for key, _ in stopped:
+            self._release(key)
+        missing = wanted - {k for k, _ in stopped}
+        if missing:
+            raise RolloutEngineError(f"cannot stop {sorted(map(repr, missing))[:5]}: not running in this stream")
+        return dict(stopped)
+
+    def close(self) -> None:
+        """Abort whatever this replica still runs (local, no collective), so that a stream left by an error does
+        not leak requests into the engine's next generate() (LLM._run_engine collects every unfinished request)."""
+        if self.by_internal:
+            self.engine.llm.llm_engine.abort_request(list(self.by_internal), internal=True)
+        self.by_internal, self.by_external, self.placed = {}, {}, {}

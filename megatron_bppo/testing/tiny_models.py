@@ -10,6 +10,9 @@
   temporary sibling and renamed into place, so an interrupted build never leaves a half directory that looks
   complete.
 * :func:`tiny_checkpoint_cache` picks a directory under a root, keyed by the arguments, and builds it there.
+* :data:`TINY_PADDED_VOCAB` and :data:`TINY_LLAMA3_ROPE`: arguments for the two checkpoint kinds people train that
+  need more than a plain mapping: a vocabulary no TP divides (added tokens, like 32001) and Llama 3.x rope scaling
+  with an original context short enough that the scaling changes every position's rotary frequencies.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from megatron_bppo.model.cache import (
 __all__ = [
     "CHATML_TEMPLATE",
     "SPECIAL_TOKENS",
+    "TINY_LLAMA3_ROPE",
+    "TINY_PADDED_VOCAB",
     "make_tiny_checkpoint",
     "tiny_checkpoint_cache",
     "tiny_corpus",
@@ -172,16 +177,31 @@ def _norm_dtype(dtype) -> str:
     return name
 
 
+# A Llama with an odd vocabulary (509 = 512 - 3: "added tokens"; TP2 does not divide it, Megatron pads it to 512).
+TINY_PADDED_VOCAB = dict(arch="llama", tie_word_embeddings=False, vocab_size=509)
+# Llama 3.x rope scaling as in Llama-3.1's config.json, with original_max_position_embeddings=64 so that with
+# head_dim 32 all but the 3 fastest of 16 rotary frequencies are scaled; tied, with a vocabulary (600) that
+# Megatron pads to 640 at TP1 but 768 at TP2 (a checkpoint moved between the two layouts changes padding).
+TINY_LLAMA3_ROPE = dict(arch="llama", tie_word_embeddings=True, vocab_size=600, max_position_embeddings=512,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+
+
 def _checkpoint_args(arch, tie_word_embeddings, hidden, layers, heads, kv_heads, head_dim, intermediate,
-                     vocab_size, max_position_embeddings, seed, dtype) -> dict[str, Any]:
+                     vocab_size, max_position_embeddings, seed, dtype, rope_scaling=None) -> dict[str, Any]:
     if arch not in _ARCHS:
         raise ValueError(f"arch must be one of {sorted(_ARCHS)}, got {arch!r}")
     if heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-    return dict(arch=arch, tie_word_embeddings=bool(tie_word_embeddings), hidden=int(hidden), layers=int(layers),
+    args = dict(arch=arch, tie_word_embeddings=bool(tie_word_embeddings), hidden=int(hidden), layers=int(layers),
                 heads=int(heads), kv_heads=int(kv_heads), head_dim=int(head_dim), intermediate=int(intermediate),
                 vocab_size=int(vocab_size), max_position_embeddings=int(max_position_embeddings), seed=int(seed),
                 dtype=_norm_dtype(dtype))
+    if rope_scaling:            # only when set: the hash (and cache directory) of unscaled checkpoints is unchanged
+        if "rope_type" not in rope_scaling:
+            raise ValueError(f"rope_scaling needs a rope_type: {rope_scaling}")
+        args["rope_scaling"] = {k: rope_scaling[k] for k in sorted(rope_scaling)}
+    return args
 
 
 def _redraw_(model, seed: int, std: float = 0.05) -> None:
@@ -212,6 +232,7 @@ def make_tiny_checkpoint(
     max_position_embeddings: int = 512,
     seed: int = 0,
     dtype="float32",
+    rope_scaling: dict | None = None,
 ) -> Path:
     """Build (or reuse) a random tiny HF checkpoint in ``out_dir`` and return ``Path(out_dir)``.
 
@@ -221,13 +242,16 @@ def make_tiny_checkpoint(
     when tied), and the tokenizer from :func:`train_tiny_tokenizer` (``tokenizer.json``, ``tokenizer_config.json``,
     chat template). The model's ``vocab_size`` is ``max(vocab_size, len(tokenizer))`` (equal for the defaults).
     Token ids: bos = pad = ``<|endoftext|>`` (0), eos = ``<|im_end|>`` (2).
+    ``rope_scaling``: e.g. ``{"rope_type": "llama3", "factor": 8.0, ...}``; config.json then carries
+    ``rope_scaling`` and ``rope_theta`` as Llama-3.1's does (the transformers 4 layout, which transformers 5 and vLLM
+    read), not transformers 5's ``rope_parameters``.
 
     Idempotent: when ``out_dir`` already holds a complete build with the same arguments (marker file
     ``.megatron_bppo_complete.json`` with the argument hash), it returns at once. A build with other arguments is
     replaced; a non-empty directory without a marker is never touched (``FileExistsError``).
     """
     args = _checkpoint_args(arch, tie_word_embeddings, hidden, layers, heads, kv_heads, head_dim, intermediate,
-                            vocab_size, max_position_embeddings, seed, dtype)
+                            vocab_size, max_position_embeddings, seed, dtype, rope_scaling)
     h = args_hash("tiny_checkpoint", args)
     out = Path(out_dir).absolute()
     if is_complete(out, "tiny_checkpoint", h):
@@ -266,6 +290,8 @@ def make_tiny_checkpoint(
             pad_token_id=pad_id,
             use_cache=True,
         )
+        if args.get("rope_scaling"):
+            cfg_kw["rope_scaling"] = dict(args["rope_scaling"])
         if arch == "llama":
             cfg_kw.update(attention_bias=False, mlp_bias=False)
         else:
@@ -282,6 +308,8 @@ def make_tiny_checkpoint(
             bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False
         )
         model.save_pretrained(str(tmp), **_safe_kw(model))
+        if args.get("rope_scaling"):
+            _write_rope_scaling_as_released(tmp / "config.json")
         fix_permissions(tmp)
         if not (tmp / "model.safetensors").is_file():
             raise RuntimeError(f"save_pretrained did not write model.safetensors in {tmp}")
@@ -291,6 +319,20 @@ def make_tiny_checkpoint(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_rope_scaling_as_released(config_path: Path) -> None:
+    """transformers 5 saves `rope_parameters` (theta inside); released Llama 3.x checkpoints carry `rope_scaling`
+    and `rope_theta`: rewrite config.json that way so the tests read what users' checkpoints hold."""
+    import json
+
+    cfg = json.loads(config_path.read_text())
+    params = cfg.pop("rope_parameters", None)
+    if params is not None:
+        params = dict(params)
+        cfg["rope_theta"] = params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        cfg["rope_scaling"] = params
+    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _safe_kw(model) -> dict:

@@ -1,10 +1,12 @@
 """One torchrun launch, many checks: run by tests/test_learner_parity.py at several TP/PP/DP layouts.
 
     torchrun --nproc-per-node N learner_worker.py --hf H --tp T --pp P --out result.json
-        [--save-at 1 --ckpt C] [--resume C]
+        [--save-at 1 --ckpt C] [--resume C] [--engine]
 
-Writes (rank 0) a JSON with: logprob max|diff| vs HF, export max|diff| vs the HF files, per-step losses of a
-fixed training batch, and, when resuming from a checkpoint, the eval log-prob sum right after loading.
+Writes (rank 0) a JSON with: logprob max|diff| vs HF, export max|diff| (and shapes) vs the HF files, per-step losses
+of a fixed training batch, and, when resuming from a checkpoint, the eval log-prob sum right after loading; the
+padded vocabulary rows' largest |value| after training (0 when nothing is padded). --engine: a vLLM engine per rank
+(random weights), synced from the trained learner; engine vs learner log-probs.
 Final weights after training are written as safetensors beside the JSON.
 """
 import argparse
@@ -16,22 +18,45 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
+from megatron_bppo.testing.learner_checks import fixed_sequences, nll_loss_fn  # noqa: E402
 from megatron_bppo.config import LearnerConfig, ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 
 STEPS = 3
 
 
-def fixed_sequences(vocab: int):
-    g = torch.Generator().manual_seed(7)
-    return [torch.randint(3, vocab, (n,), generator=g) for n in (17, 9, 30, 24, 12, 40)]
 
 
-def loss_fn_for(total_tokens: int):
-    """Token-mean negative log-likelihood over the whole batch (global normaliser)."""
-    def loss_fn(logprobs, mb):
-        mask = mb.target_mask.float()
-        return -(logprobs * mask).sum() / total_tokens, {"tokens": mask.sum()}
-    return loss_fn
+def padded_rows(bridge, learner) -> dict:
+    """Largest |value| in the padded vocabulary rows of the embedding / output layer shards, over all ranks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    worst = torch.zeros(1, device=learner.device)
+    for model in learner.unwrapped_models():
+        for name, p in model.named_parameters():
+            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                start = ps.get_tensor_model_parallel_rank() * p.shape[0]
+                real = min(max(bridge.vocab_size - start, 0), p.shape[0])
+                if real < p.shape[0]:
+                    worst = torch.maximum(worst, p.detach()[real:].abs().max().float().reshape(1))
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return {"vocab_size": bridge.vocab_size, "padded_vocab_size": bridge.padded_vocab_size,
+            "padded_rows_maxabs": float(worst)}
+
+
+def engine_check(hf, bridge, learner, seqs) -> float:
+    """vLLM engine on every rank with random weights -> sync from the learner -> max |engine - learner| log-prob."""
+    from megatron_bppo.config import RolloutConfig
+    from megatron_bppo.rollout import VLLMEngine
+    from megatron_bppo.weight_sync import sync_weights
+
+    engine = VLLMEngine(hf, RolloutConfig(max_model_len=64, max_num_seqs=8, kv_cache_memory_bytes=16 << 20,
+                                          load_format="dummy", seed=0))
+    sync_weights(bridge, learner.unwrapped_models(), engine)
+    mine = learner.compute_logprobs(seqs)
+    theirs = engine.score(seqs)
+    engine.close()
+    return max(float((a.double() - b.double()).abs().max()) for a, b in zip(mine, theirs))
 
 
 def main():
@@ -44,6 +69,7 @@ def main():
     ap.add_argument("--ckpt", default="")
     ap.add_argument("--resume", default="")
     ap.add_argument("--dist-opt", type=int, default=1)
+    ap.add_argument("--engine", action="store_true")
     args = ap.parse_args()
 
     from megatron_bppo.checkpointing import load_checkpoint, save_checkpoint
@@ -75,6 +101,7 @@ def main():
     exported = dict(bridge.export_hf_weights(learner.unwrapped_models()))
     if rank0:
         result["export_names_equal"] = sorted(exported) == sorted(original)
+        result["export_shapes_equal"] = all(exported[k].shape == original[k].shape for k in original if k in exported)
         result["export_maxdiff"] = max((exported[k].float().cpu() - original[k].float()).abs().max().item()
                                        for k in original if k in exported)
 
@@ -88,7 +115,7 @@ def main():
         result["eval_logprob_sum_after_load"] = float(sum(lp.sum() for lp in learner.compute_logprobs(seqs)))
     losses, grad_norms = [], []
     for step in range(start, STEPS):
-        metrics = learner.train_step(seqs, fields, loss_fn_for(total))
+        metrics = learner.train_step(seqs, fields, nll_loss_fn(total))
         losses.append(metrics["loss"])
         grad_norms.append(metrics["grad_norm"])
         if args.save_at and step + 1 == args.save_at:
@@ -96,7 +123,10 @@ def main():
                             hf_source_dir=args.hf)
             result["eval_logprob_sum_at_save"] = float(sum(lp.sum() for lp in learner.compute_logprobs(seqs)))
     result["losses"], result["grad_norms"] = losses, grad_norms
+    result["padded_vocab"] = padded_rows(bridge, learner)
     final = dict(bridge.export_hf_weights(learner.unwrapped_models()))
+    if args.engine:
+        result["engine_maxdiff"] = engine_check(args.hf, bridge, learner, seqs)
     if rank0:
         from safetensors.torch import save_file
 

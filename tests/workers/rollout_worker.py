@@ -18,16 +18,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
+from megatron_bppo.testing.learner_checks import fixed_sequences  # noqa: E402
 from megatron_bppo.config import (LearnerConfig, ModelConfig, OptimConfig, ParallelConfig,  # noqa: E402
                                   RolloutConfig, SamplingConfig)
 
 PROMPTS = [[1, 40, 41, 42, 43], [1, 7, 300, 9], [1, 55, 66, 77, 88, 99, 111], [1, 5]]
 MAX_LEN = 64
 
-
-def fixed_sequences(vocab: int):
-    g = torch.Generator().manual_seed(7)
-    return [torch.randint(3, vocab, (n,), generator=g) for n in (17, 9, 30, 24, 12, 40)]
 
 
 def max_diff(a, b) -> float:
@@ -44,6 +41,43 @@ def error_of(fn) -> str:
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
     return ""
+
+
+def stream_checks(engine) -> dict:
+    """collect_groups through engine.stream vs rounds (same per-sample seeds), and with early stop."""
+    from types import SimpleNamespace
+
+    from megatron_bppo.algorithms import AdaptiveScheduler, get_selector
+    from megatron_bppo.collect import collect_groups
+    from megatron_bppo.testing.rewards import even_length
+
+    prompts = [SimpleNamespace(example=SimpleNamespace(id=f"q{i}", reference=""), token_ids=p)
+               for i, p in enumerate(PROMPTS)]
+    # a random model rarely emits EOS: stop tokens give varied lengths (what early stop acts on)
+    sampling = SamplingConfig(temperature=1.0, max_tokens=24, stop=tuple(range(3, engine.vocab_size, 12)))
+
+    def run(streaming, early_stop="off"):
+        result = collect_groups(engine, AdaptiveScheduler(n_init=3, g_max=9, n_step=3, skip_after=0), prompts,
+                                sampling, even_length, {}, seed=5, streaming=streaming, early_stop=early_stop)
+        selected = []
+        for g in result.groups:
+            c = torch.tensor([g.correct])
+            n = torch.tensor([[len(x.token_ids) for x in g.completions]])
+            mask = get_selector("binary")(c, n, torch.zeros(n.shape), torch.ones_like(c)).mask[0]
+            selected.append(sorted(g.completions[i].sample_index for i in range(len(g.completions)) if mask[i]))
+        return result, [[c.token_ids for c in g.completions] for g in result.groups], selected
+
+    rounds, rounds_tokens, rounds_selected = run(False)
+    stream, stream_tokens, stream_selected = run(True)
+    cut, _, cut_selected = run(True, "exclude")
+    return {"equal_to_rounds": stream_tokens == rounds_tokens, "rounds_engine_steps": rounds.engine_steps,
+            "stream_engine_steps": stream.engine_steps, "samples": sum(map(len, stream_tokens)),
+            "generated": stream.generated_tokens, "cut_generated": cut.generated_tokens,
+            "cut_stopped_tokens": cut.stopped_tokens, "cut_stopped_samples": cut.stopped_samples,
+            "cut_same_pairs": cut_selected == stream_selected == rounds_selected,
+            "cut_accounting": cut.generated_tokens == cut.stopped_tokens + sum(
+                len(c.token_ids) for g in cut.groups for c in g.completions),
+            "digest": [stream_tokens, [len(c.token_ids) for g in cut.groups for c in g.completions]]}
 
 
 def start_failure(args):
@@ -115,6 +149,12 @@ def main():
             gathered = [None] * launch.world_size
             dist.all_gather_object(gathered, digest([[c.token_ids for c in g] for g in completions]))
             result["same_on_every_rank"] = len(set(gathered)) == 1
+
+    # (a2) the streamed rollout (one continuous batch per replica) makes the same groups as rounds, on every rank
+    streams = stream_checks(engine)
+    gathered = [None] * launch.world_size
+    dist.all_gather_object(gathered, digest(streams.pop("digest")))
+    result["stream"] = dict(streams, same_on_every_rank=len(set(gathered)) == 1)
 
     # (b) one optimizer step, sync: the engine follows the learner
     total = sum(len(s) - 1 for s in seqs)
