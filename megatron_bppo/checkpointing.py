@@ -1,7 +1,9 @@
-"""Megatron distributed checkpoints: save atomically, find the latest complete one, load at any TP/PP.
+"""Megatron distributed checkpoints: save atomically, find the latest complete one, load at any TP/PP (the optimizer
+state: per checkpoint.optimizer_format).
 
     <root>/iter_0000010/            one complete checkpoint
-        *.distcp, .metadata, ...    model (+ optimizer) in megatron-core's torch_dist format (layout-free)
+        *.distcp, .metadata, ...    model (+ optimizer) in megatron-core's torch_dist format (the model loads at
+                                    any layout; the optimizer per checkpoint.optimizer_format)
         hf/                         HF config, tokenizer, generation config (for export back to HF)
         trainer_state.pt            step, LR-scheduler state, caller's extra state (data position, ...)
         rng/rank_00000.pt           per-rank RNG states (restored when the world size matches)
@@ -38,7 +40,33 @@ from .platform.cpu_compat import ensure_optimizer_state, in_process_save_results
 
 logger = logging.getLogger(__name__)
 META = "megatron_bppo.json"
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}   # the only format that reshards here
+# How the distributed optimizer's state is laid out on disk (checkpoint.optimizer_format; megatron-core 0.16.1
+# DistributedOptimizer.sharded_state_dict): dp_reshardable saves each rank's own flat buffers in parallel, no
+# gather, and loads at the same TP x PP with any DP; fully_reshardable gathers the whole DP-unsharded fp32 state of
+# a TP x PP shard on its DP rank 0 (at 7B / TP4 ~23 GB of host memory per shard, synchronously) into per-parameter
+# tensors that load at any layout. Checkpoints written before the key existed are fully_reshardable.
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
+LEGACY_OPTIMIZER_FORMAT = "fully_reshardable"
+
+
+def _optim_metadata(optimizer_format: str) -> dict:
+    return {"distrib_optim_sharding_type": optimizer_format}
+
+
+def check_optimizer_layout(path: str, meta: dict, tp: int, pp: int) -> str:
+    """The optimizer format `path` was saved in; ConfigError if it cannot load at TP `tp` x PP `pp`."""
+    fmt = meta.get("optimizer_format", LEGACY_OPTIMIZER_FORMAT)
+    saved = meta.get("layout") or {}
+    if fmt == "dp_reshardable" and (saved.get("tp", tp), saved.get("pp", pp)) != (tp, pp):
+        raise ConfigError(
+            f"{path} holds its optimizer state as dp_reshardable, which loads only at the layout it was saved at "
+            f"(parallel.tp={saved.get('tp')}, parallel.pp={saved.get('pp')}; any data-parallel size), not at "
+            f"parallel.tp={tp}, parallel.pp={pp}: resume at the saved layout (save again there with "
+            "checkpoint.optimizer_format=fully_reshardable to change it later), or start from its weights alone "
+            "(tools/convert_checkpoint.py mcore-to-hf, then a new run)")
+    if fmt not in OPTIMIZER_FORMATS:
+        raise ValueError(f"{path}: unknown optimizer_format {fmt!r} in {META}")
+    return fmt
 
 
 def _rank() -> int:
@@ -250,10 +278,17 @@ def _model_state(models) -> dict:
 
 
 def save_checkpoint(root: str, step: int, models, optimizer=None, scheduler=None, hf_source_dir: str = "",
-                    extra_state: Optional[dict] = None, keep_last: int = 0, layout: Optional[dict] = None) -> str:
+                    extra_state: Optional[dict] = None, keep_last: int = 0,
+                    optimizer_format: str = "dp_reshardable") -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
 
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise ConfigError(f"checkpoint.optimizer_format={optimizer_format!r}: must be one of "
+                          f"{', '.join(OPTIMIZER_FORMATS)}")
+    layout = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size()}
+    metadata = _optim_metadata(optimizer_format)
     name = checkpoint_name(step)
     final, tmp = os.path.join(root, name), os.path.join(root, ".tmp-" + name)
     if _rank() == 0:
@@ -264,10 +299,10 @@ def save_checkpoint(root: str, step: int, models, optimizer=None, scheduler=None
     state = _model_state(models)
     if optimizer is not None:
         ensure_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIM_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=metadata)
     # synchronous save, without megatron-core's per-rank multiprocessing Manager (it would outlive a killed rank)
     with in_process_save_results_queue():
-        dist_checkpointing.save(state, tmp, content_metadata=OPTIM_METADATA)
+        dist_checkpointing.save(state, tmp, content_metadata=metadata)
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
@@ -279,8 +314,8 @@ def save_checkpoint(root: str, step: int, models, optimizer=None, scheduler=None
             os.makedirs(os.path.join(tmp, "hf"), exist_ok=True)
             copy_hf_side_files(hf_source_dir, os.path.join(tmp, "hf"))
             shutil.copy2(os.path.join(hf_source_dir, "config.json"), os.path.join(tmp, "hf", "config.json"))
-        meta = {"step": step, "has_optimizer": optimizer is not None,
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1, "layout": layout or {}}
+        meta = {"step": step, "has_optimizer": optimizer is not None, "optimizer_format": optimizer_format,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1, "layout": layout}
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=2)
         if os.path.isdir(final):
@@ -326,6 +361,7 @@ def load_checkpoint(path: str, models, optimizer=None, scheduler=None, load_rng:
     """Collective: load model (+ optimizer, scheduler, RNG) from `path` into the current layout.
     Returns {'step': int, 'extra': dict, 'meta': dict}."""
     from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
 
     meta = read_meta(path)
     verify_checkpoint_safe(path)
@@ -334,9 +370,11 @@ def load_checkpoint(path: str, models, optimizer=None, scheduler=None, load_rng:
         if not meta.get("has_optimizer"):
             raise ValueError(f"{path} holds no optimizer state (a converted model checkpoint?): load it with "
                              "optimizer=None, i.e. as initial weights")
+        fmt = check_optimizer_layout(path, meta, ps.get_tensor_model_parallel_world_size(),
+                                     ps.get_pipeline_model_parallel_world_size())
         ensure_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True,
-                                                          metadata=OPTIM_METADATA)
+                                                          metadata=_optim_metadata(fmt))
     loaded = dist_checkpointing.load(state, path)
     _unwrap(models[0]).load_state_dict(loaded["model"])
     if optimizer is not None:

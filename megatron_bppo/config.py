@@ -125,12 +125,16 @@ class CheckpointConfig:
     allow_data_change: bool = False      # resume although the rendered train prompts changed (same count)
     break_lock: bool = False             # take dir's lock although its owner may be alive (one-off, on the
                                          # command line: two live runs in one dir overwrite each other)
+    optimizer_format: str = "dp_reshardable"   # dp_reshardable: parallel save, resumes at the same TP x PP (any
+                                         # DP); fully_reshardable: resumes at any layout, but gathers each shard's
+                                         # whole optimizer state on one rank per save (docs/operations.md)
 
     def validate(self):
         if self.save_interval < 0:
             raise ConfigError(f"checkpoint.save_interval={self.save_interval}: must be >= 0 (0: only at the end)")
         if self.keep_last < 0:
             raise ConfigError(f"checkpoint.keep_last={self.keep_last}: must be >= 0 (0: keep every checkpoint)")
+        _choice("checkpoint.optimizer_format", self.optimizer_format, ("dp_reshardable", "fully_reshardable"))
 
 
 @dataclass

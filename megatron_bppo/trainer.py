@@ -178,7 +178,7 @@ def save(run: Run, step: int, sampler_state=None, schedule_state=None) -> str:
              "scheduler": schedule_state or run.sampling_schedule.state_dict(), "summary": run.summary}
     return save_checkpoint(cfg.checkpoint.dir, step, run.learner.models, run.learner.optimizer,
                            run.learner.scheduler, hf_source_dir=cfg.model.path, extra_state=extra,
-                           keep_last=cfg.checkpoint.keep_last, layout={"tp": cfg.parallel.tp, "pp": cfg.parallel.pp})
+                           keep_last=cfg.checkpoint.keep_last, optimizer_format=cfg.checkpoint.optimizer_format)
 
 
 # ------------------------------------------------------------------------------------------------ one step

@@ -93,8 +93,7 @@ def main(argv=None) -> int:
     models = bridge.build(load_weights=args.direction == "hf-to-mcore")
     print_rank0(f"[convert] model built in {time.time() - start:.1f}s")
     if args.direction == "hf-to-mcore":
-        out = save_checkpoint(args.out_dir, 0, models, hf_source_dir=source,
-                              layout={"tp": parallel.tp, "pp": parallel.pp})
+        out = save_checkpoint(args.out_dir, 0, models, hf_source_dir=source)
         print_rank0(f"[convert] wrote Megatron checkpoint {out} in {time.time() - start:.1f}s")
     else:
         load_checkpoint(ckpt, models, load_rng=False)

@@ -117,8 +117,12 @@ def _install_distopt_load_states():
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         destination = {"param": main_param, **self.optimizer.state[main_param]}
-        for key, value in tensors.items():
-            destination[key].copy_(value)
+        missing = [k for k in destination if k not in tensors and k != "step"]
+        if missing:
+            raise KeyError(f"the checkpoint's optimizer state has no {missing} for a parameter")
+        for key in destination:                 # dp_reshardable entries also carry bookkeeping ('padding', ...)
+            if key in tensors and key != "step":   # 'step': restored from param_groups (load_state_dict)
+                destination[key].copy_(tensors[key])
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
@@ -180,7 +184,9 @@ WORKAROUNDS = [
         "distopt_load_states",
         "optimizer/distrib_optimizer.py:911 (_set_main_param_and_optimizer_states)",
         "with torch Adam (no Apex/TE) the fully_reshardable load passes no 'step' tensor while the destination "
-        "has one -> KeyError: 'step'; copy only the keys present in the checkpoint",
+        "has one -> KeyError: 'step'; copy the destination's keys the checkpoint has, except 'step' (restored "
+        "from param_groups by load_state_dict's non-Apex path; a dp_reshardable entry's own 'step' loads as 0 "
+        "here, measured) and dp_reshardable's bookkeeping keys ('padding', 'gbuf_local_start', ...)",
         _install_distopt_load_states),
     Workaround(
         "distopt_step_copy",

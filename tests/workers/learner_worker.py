@@ -66,7 +66,8 @@ def main():
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--out", required=True)
     ap.add_argument("--save-at", type=int, default=0)
-    ap.add_argument("--ckpt", default="")
+    ap.add_argument("--ckpt", default="")            # saved fully_reshardable (resumed at other layouts)
+    ap.add_argument("--ckpt-dp", default="")         # the same step also saved dp_reshardable
     ap.add_argument("--resume", default="")
     ap.add_argument("--dist-opt", type=int, default=1)
     ap.add_argument("--engine", action="store_true")
@@ -120,7 +121,10 @@ def main():
         grad_norms.append(metrics["grad_norm"])
         if args.save_at and step + 1 == args.save_at:
             save_checkpoint(args.ckpt, step + 1, learner.models, learner.optimizer, learner.scheduler,
-                            hf_source_dir=args.hf)
+                            hf_source_dir=args.hf, optimizer_format="fully_reshardable")
+            if args.ckpt_dp:
+                save_checkpoint(args.ckpt_dp, step + 1, learner.models, learner.optimizer, learner.scheduler,
+                                hf_source_dir=args.hf, optimizer_format="dp_reshardable")
             result["eval_logprob_sum_at_save"] = float(sum(lp.sum() for lp in learner.compute_logprobs(seqs)))
     result["losses"], result["grad_norms"] = losses, grad_norms
     result["padded_vocab"] = padded_rows(bridge, learner)

@@ -36,15 +36,18 @@ def main(hf_dir, probe):
             raise SystemExit(f"PROBE FAILED: NaN loss gave update_ok={metrics['update_ok']}, weights same={same}")
         learner.train_step(seqs, [{}, {}], loss_fn)          # the next finite step trains normally
     if probe == "ckpt":
-        with tempfile.TemporaryDirectory() as root:
-            path = save_checkpoint(root, 1, learner.models, learner.optimizer, learner.scheduler)
-            resumed = new_learner()
-            load_checkpoint(path, resumed.models, resumed.optimizer, resumed.scheduler)
-            resumed.train_step(seqs, [{}, {}], loss_fn)
-            steps = {float(s["step"]) for o in resumed.optimizer.chained_optimizers
-                     for s in o.optimizer.state.values()}
-            if steps != {2.0}:
-                raise SystemExit(f"PROBE FAILED: Adam step after resume + 1 step is {sorted(steps)}, expected 2")
+        for fmt in ("fully_reshardable", "dp_reshardable"):      # both optimizer formats of checkpointing.py
+            with tempfile.TemporaryDirectory() as root:
+                path = save_checkpoint(root, 1, learner.models, learner.optimizer, learner.scheduler,
+                                       optimizer_format=fmt)
+                resumed = new_learner()
+                load_checkpoint(path, resumed.models, resumed.optimizer, resumed.scheduler)
+                resumed.train_step(seqs, [{}, {}], loss_fn)
+                steps = {float(s["step"]) for o in resumed.optimizer.chained_optimizers
+                         for s in o.optimizer.state.values()}
+                if steps != {2.0}:
+                    raise SystemExit(f"PROBE FAILED: Adam step after resume + 1 step is {sorted(steps)}, expected 2 "
+                                     f"({fmt})")
     print("PROBE OK", flush=True)
 
 
