@@ -95,28 +95,42 @@ def finished(path, steps):
         return False
 
 
-def launch(args, model, variant, seed):
-    """One training job (torchrun, 2 ranks); its output goes to <run_dir>/train.log. Returns (exit code, seconds)."""
-    path = run_dir(args, variant, seed)
-    if os.path.isdir(path):
-        shutil.rmtree(path)                  # an unfinished run: start it over (no checkpoint to resume from)
-    os.makedirs(path)
+def train_command(model, path, *, config, nproc, steps, eval_interval, eval_size, seed, data_seed, overrides):
+    """The torchrun command of one training job (seed -> sampling, learner and rollout seeds)."""
     from megatron_bppo.distributed import torchrun_command
 
-    cmd = [*torchrun_command(args.nproc), "-m", "megatron_bppo.cli", "train",
-           "--config", args.config, f"model.path={model}", f"run_dir={path}", "checkpoint.dir=",
-           f"train.steps={args.steps}", f"eval.interval={args.eval_interval}", f"data.eval_size={args.eval_size}",
-           "train.export_hf=false", "train.tensorboard=false",
-           *(f"{k}.seed={seed}" for k in ("sampling", "learner", "rollout")),
-           f"data.seed={seed if args.data_seed == 'run' else int(args.data_seed)}", *VARIANTS[variant],
-           *args.overrides]
+    return [*torchrun_command(nproc), "-m", "megatron_bppo.cli", "train",
+            "--config", config, f"model.path={model}", f"run_dir={path}", "checkpoint.dir=",
+            f"train.steps={steps}", f"eval.interval={eval_interval}", f"data.eval_size={eval_size}",
+            "train.export_hf=false", "train.tensorboard=false",
+            *(f"{k}.seed={seed}" for k in ("sampling", "learner", "rollout")),
+            f"data.seed={data_seed}", *overrides]
+
+
+def run_logged(cmd, path, fresh=True):
+    """Run `cmd` in ROOT with its output in <path>/train.log (appended when not `fresh`: a resumed job keeps its
+    directory and checkpoint). Returns (exit code, seconds)."""
+    if fresh and os.path.isdir(path):
+        shutil.rmtree(path)
+    os.makedirs(path, exist_ok=True)
     started = time.time()
-    with open(os.path.join(path, "train.log"), "w") as log:
+    with open(os.path.join(path, "train.log"), "w" if fresh else "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
     return code, time.time() - started
+
+
+def launch(args, model, variant, seed):
+    """One training job (torchrun, 2 ranks); its output goes to <run_dir>/train.log. Returns (exit code, seconds).
+    An unfinished run directory is started over (no checkpoint to resume from)."""
+    path = run_dir(args, variant, seed)
+    cmd = train_command(model, path, config=args.config, nproc=args.nproc, steps=args.steps,
+                        eval_interval=args.eval_interval, eval_size=args.eval_size, seed=seed,
+                        data_seed=seed if args.data_seed == "run" else int(args.data_seed),
+                        overrides=[*VARIANTS[variant], *args.overrides])
+    return run_logged(cmd, path)
 
 
 def load_run(path):
@@ -132,8 +146,10 @@ def load_run(path):
                           "selected_tokens": r.get("selected/tokens", 0),
                           **{p: r.get(f"time/{p}", 0.0) for p in PHASES}})
         if "eval/accuracy" in r:
+            mean_at_k = next((v for k, v in r.items() if k.startswith("eval/mean@")), None)
             evals.append({"step": r["step"], "train_seconds": elapsed, "accuracy": r["eval/accuracy"],
-                          "mean_at_k": r.get("eval/mean@2"), "length": r.get("eval/response_length/mean")})
+                          "mean_at_k": mean_at_k, "length": r.get("eval/response_length/mean"),
+                          "median_length": r.get("eval/response_length/median")})
     with open(os.path.join(path, "config.json")) as f:
         data_seed = json.load(f)["data"]["seed"]
     return {"evals": evals, "steps": steps, "data_seed": data_seed}

@@ -10,6 +10,7 @@ from megatron_bppo.data import (DIRECT_INSTRUCTION, ArithmeticLevel, ChatFormat,
                                 PromptDataset, PromptExample, PromptRenderer, PromptSampler, PromptTooLongError,
                                 build_messages, generate_arithmetic, get_preset, read_prompt_file, open_dataset,
                                 problem_split, write_prompts_jsonl, write_verl_parquet)
+from megatron_bppo.data.arithmetic import Problem, problem_identity, sample_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
@@ -276,6 +277,99 @@ def test_arithmetic_presets_and_word_style():
     assert e.prompt.endswith("have now?") and int(e.reference) == a + b - c
     with pytest.raises(ValueError, match="operations must be"):
         ArithmeticLevel("bad", ops=("^",))
+
+
+def _fingerprint(ds):
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in ds:
+        h.update(f"{e.id}|{e.prompt}|{e.reference}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def test_older_presets_unchanged():
+    """The identity / split knobs added for the head-to-head presets leave every older preset's problems and splits
+    as they were (fingerprints taken from the generator before the change)."""
+    assert _fingerprint(generate_arithmetic("l0_l5_mix", 200, split="train", seed=0)) == "689cc00e3890bea6"
+    assert _fingerprint(generate_arithmetic("l0_l5_mix", 100, split="test", seed=1)) == "afbb5670b1e3edce"
+    assert _fingerprint(generate_arithmetic("l1", 200, split="train", seed=0)) == "39ac358fc99a2e4c"
+    assert _fingerprint(generate_arithmetic("l1", 100, split="test", seed=1)) == "cd044a3fac1abcd7"
+    assert _fingerprint(generate_arithmetic("l3", 200, split="train", seed=0)) == "4f9ff6952cd10e25"
+    assert _fingerprint(generate_arithmetic("l3", 100, split="test", seed=1)) == "f56777f1662412e5"
+
+
+def test_problem_identity():
+    import random
+
+    rng = random.Random(0)
+    lv = ArithmeticLevel("t", first_range=(2, 40), operand_range=(2, 40), ops=("+", "-", "*"), num_ops=(1, 2))
+    for _ in range(300):
+        p = sample_problem(lv, rng)
+        assert problem_identity(p) == p.key                       # the default rule: the expression itself
+        ident = problem_identity(p, "commutative")
+        assert eval(ident) == eval(p.key) == p.answer               # same value, same operation sequence
+        op, n = p.steps[0]
+        if op in "+*":
+            swapped = Problem(key="", answer=p.answer, steps=[(op, p.first), *p.steps[1:]], first=n)
+            assert problem_identity(swapped, "commutative") == ident
+    minus = Problem(key="9 - 3", answer=6, steps=[("-", 3)], first=9)
+    assert problem_identity(minus, "commutative") == "9 - 3"
+    with pytest.raises(ValueError, match="canonical"):
+        ArithmeticLevel("bad", canonical="sorted")
+
+
+HEAD_TO_HEAD = "one_op_25"
+
+
+def _held_out(seed, n=256):
+    """The held-out prompts a run with data.seed = seed evaluates (data/prompts.py: test split, seed + 1)."""
+    return open_dataset(f"arithmetic:{HEAD_TO_HEAD}", split="test", seed=seed + 1, size=n)
+
+
+def test_head_to_head_heldout_distinct_and_large():
+    for seed in (0, 1):
+        ids = [e.meta["canonical"] for e in _held_out(seed)]
+        assert len(ids) == 256 and len(set(ids)) == 256
+        assert all(problem_split(i, 0.6) == "test" for i in ids)
+    # the split holds more than 256 identities (enumerated: every problem of the level), so 256 always exist
+    lv = get_preset(HEAD_TO_HEAD)
+    test_ids, train_ids = set(), set()
+    for a in range(lv.first_range[0], lv.first_range[1] + 1):
+        for op in lv.ops:
+            for b in range(lv.operand_range[0], lv.operand_range[1] + 1):
+                v = a + b if op == "+" else a - b if op == "-" else a * b
+                if v >= 0:
+                    ident = problem_identity(Problem(f"{a} {op} {b}", v, [(op, b)], a), lv.canonical)
+                    (test_ids if problem_split(ident, lv.heldout_fraction) == "test" else train_ids).add(ident)
+    assert len(test_ids) == 298 and len(train_ids) == 194
+
+
+def test_head_to_head_heldout_disjoint_from_training():
+    held = {e.meta["canonical"] for e in _held_out(0)}
+    for seed in (0, 1, 2, 3, 100):                      # every data seed's training set, as the runs draw it
+        train = open_dataset(f"arithmetic:{HEAD_TO_HEAD}", split="train", seed=seed, size=2048)
+        assert len(train) == 2048 and not held & {e.meta["canonical"] for e in train}
+    # canonical identity, not text: "8 + 31" in training would be "31 + 8" held out; and the surface forms
+    # (templates) never make a held-out problem look new
+    texts = {e.prompt for e in _held_out(0)}
+    assert len({e.meta["expression"] for e in _held_out(0)}) == 256 and len(texts) == 256
+
+
+def test_head_to_head_heldout_deterministic():
+    a, b = _held_out(0), _held_out(0)
+    assert [(e.id, e.prompt, e.reference) for e in a] == [(e.id, e.prompt, e.reference) for e in b]
+    # the in-run checks use the first 64 held-out prompts: the same as the first 64 of the 256
+    assert [e.prompt for e in _held_out(0, 64)] == [e.prompt for e in a][:64]
+    # fixed by the preset and the data seed: the held-out fraction argument does not move it
+    c = generate_arithmetic(HEAD_TO_HEAD, 256, split="test", seed=1, heldout_fraction=0.2)
+    assert [e.prompt for e in c] == [e.prompt for e in a]
+    assert [e.prompt for e in _held_out(1)] != [e.prompt for e in a]
+    for e in a:
+        assert int(e.reference) == eval(e.meta["expression"]) >= 0 and e.meta["num_ops"] == 1
+    assert all(e.prompt == f"What is {e.meta['expression']}?" for e in a)
+    with pytest.raises(DatasetError, match="distinct problems"):
+        generate_arithmetic(HEAD_TO_HEAD, 299, split="test", seed=1)     # the split holds 298
 
 
 # ----------------------------------------------------------------------------------------------- prepare scripts
