@@ -23,7 +23,8 @@ per-sample seeds, so the same completions): how many stopped samples would have 
 groups' accuracy, and the mean |change| of the trained pairs' advantages. Reported: per-arm means, and each
 arm's ratio to GRPO paired by step (mean, min..max over steps). Accuracy is not measured here (no training):
 docs/benchmarks.md says where the early-stop policies' effect on accuracy stands. Writes rollout_cost.json
-after every step (rerunning continues) and --report prints the table from it.
+after every step (rerunning continues) and --report prints the table from it; docs/benchmarks.md section 7 is
+`--report --out bench/results/rollout_cost_smollm2.json`.
 """
 import argparse
 import json
@@ -95,7 +96,7 @@ def measure(args, overrides):
     reward_fn = get_reward(base.reward.name)
     results = load(args.out)
     if results.get("protocol") not in (None, protocol(args, overrides)):
-        raise SystemExit(f"{args.out}/rollout_cost.json was written with other settings: use another --out")
+        raise SystemExit(f"{results_path(args.out)} was written with other settings: use another --out")
     results["protocol"], steps = protocol(args, overrides), results.setdefault("steps", [])
     for step in range(args.steps):
         first = step * (per_step + pool)
@@ -134,17 +135,22 @@ def protocol(args, overrides) -> dict:
     return {"config": args.config, "overrides": list(overrides), "arms": list(args.arms)}
 
 
+def results_path(out: str) -> str:
+    """--out is a directory (rollout_cost.json inside) or a .json file (e.g. the committed bench/results copy)."""
+    return out if out.endswith(".json") else os.path.join(out, "rollout_cost.json")
+
+
 def load(out: str) -> dict:
-    path = os.path.join(out, "rollout_cost.json")
+    path = results_path(out)
     return json.load(open(path)) if os.path.isfile(path) else {}
 
 
 def save(out: str, results: dict) -> None:
-    os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, "rollout_cost.json.tmp")
-    with open(tmp, "w") as f:
+    path = results_path(out)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
-    os.replace(tmp, os.path.join(out, "rollout_cost.json"))
+    os.replace(path + ".tmp", path)
 
 
 def report(results: dict) -> str:
@@ -185,7 +191,7 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--out", default="runs/bench/rollout_cost")
-    ap.add_argument("--report", action="store_true", help="print the table from --out/rollout_cost.json")
+    ap.add_argument("--report", action="store_true", help="print the table from --out (a directory or a .json)")
     args, overrides = ap.parse_known_args()
     args.arms = args.arms.split(",")
     unknown = [a for a in args.arms if a not in ARMS]
