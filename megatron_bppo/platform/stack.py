@@ -166,16 +166,15 @@ def hard_mismatches(requires: Mapping[str, Sequence[str]], installed: Mapping[st
 
 # ------------------------------------------------------------------------------------- the installed side
 def constraints_path(cuda: bool) -> Optional[Path]:
-    """The constraints file for this platform: $MEGATRON_BPPO_CONSTRAINTS, else the one at the repository root
-    (a source checkout or an editable install), else the copy setup.py puts beside this module."""
+    """The constraints file for this platform: $MEGATRON_BPPO_CONSTRAINTS, else the one at the repository root (a
+    source checkout or an editable install, which is how Makefile and docker/Dockerfile.gpu install); a wheel
+    install has none (set the variable). (A setup.py build step that copied them into the package broke
+    editable installs: setuptools' editable_wheel failed with KeyError 'dst'.)"""
     if os.environ.get(PINS_ENV):
         return Path(os.environ[PINS_ENV])
     name = GPU_PINS if cuda else CPU_PINS
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent.parent / name, here / name):
-        if candidate.is_file():
-            return candidate
-    return None
+    candidate = Path(__file__).resolve().parent.parent.parent / name
+    return candidate if candidate.is_file() else None
 
 
 def installed_versions(names: Iterable[str]) -> dict[str, Optional[str]]:
