@@ -23,21 +23,7 @@ OUT=${1:-$(mktemp -d /tmp/check_gpu_pins.XXXXXX)}
 mkdir -p "$OUT"
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}   # needs packaging
 
-PY312=${PY312:-}
-if [ -z "$PY312" ]; then
-  for c in python3.12 "$HOME/.pyenv/versions/"3.12*/bin/python3.12; do
-    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
-      PY312=$(command -v "$c"); break
-    fi
-  done
-fi
-if [ -n "$PY312" ]; then PIP=("$PY312" -m pip); echo "pip under $("$PY312" -V) ($PY312)"
-else PIP=("$PY" -m pip); echo "WARNING: no Python 3.12 found (set PY312): markers are evaluated for $("$PY" -V)"; fi
-
-# Only PyPI and the pins given here: a site's pip.conf (extra indexes, find-links, a global constraint file) must
-# not change the answer. An empty value does not override pip.conf; a blank one does.
-export PIP_CONSTRAINT=" " PIP_FIND_LINKS=" " PIP_EXTRA_INDEX_URL=" " PIP_INDEX_URL=https://pypi.org/simple
-export PIP_DISABLE_PIP_VERSION_CHECK=1
+source scripts/pip312.sh      # PIP: pip under a Python 3.12, PyPI only
 PLAT=(--python-version 3.12 --implementation cp --abi cp312 --only-binary=:all:
       --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64)
 for n in $(seq 5 39); do PLAT+=(--platform "manylinux_2_${n}_x86_64"); done   # glibc 2.39: Ubuntu 24.04
