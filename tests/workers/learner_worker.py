@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from megatron_bppo.testing.learner_checks import fixed_sequences, nll_loss_fn  # noqa: E402
+from megatron_bppo.testing.learner_checks import fixed_sequences, nll_loss_fn, resume_for_check  # noqa: E402
 from megatron_bppo.config import LearnerConfig, ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 
 STEPS = 3
@@ -73,7 +73,7 @@ def main():
     ap.add_argument("--engine", action="store_true")
     args = ap.parse_args()
 
-    from megatron_bppo.checkpointing import load_checkpoint, save_checkpoint
+    from megatron_bppo.checkpointing import save_checkpoint
     from megatron_bppo.distributed import destroy_distributed
     from megatron_bppo.learner import build_learner
 
@@ -110,10 +110,8 @@ def main():
     fields = [{} for _ in seqs]
     start = 0
     if args.resume:
-        state = load_checkpoint(args.resume, learner.models, learner.optimizer, learner.scheduler)
-        learner.step = start = state["step"]
-        result["resumed_step"] = start
-        result["eval_logprob_sum_after_load"] = float(sum(lp.sum() for lp in learner.compute_logprobs(seqs)))
+        start, loaded = resume_for_check(learner, args.resume, seqs)
+        result.update(loaded)
     losses, grad_norms = [], []
     for step in range(start, STEPS):
         metrics = learner.train_step(seqs, fields, nll_loss_fn(total))
