@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .distributed import launch_rank
 from .errors import ConfigError
 from .model.bridge import copy_hf_side_files
 from .platform.cpu_compat import ensure_optimizer_state, in_process_save_results_queue
@@ -67,10 +68,6 @@ def check_optimizer_layout(path: str, meta: dict, tp: int, pp: int) -> str:
     if fmt not in OPTIMIZER_FORMATS:
         raise ValueError(f"{path}: unknown optimizer_format {fmt!r} in {META}")
     return fmt
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier():
@@ -156,19 +153,12 @@ def _describe(incomplete: list[tuple[str, str]]) -> str:
     return "; ".join(f"{name}: {why}" for name, why in incomplete)
 
 
-def _env_rank() -> int:
-    """This rank, also before the process group exists (from the launcher's environment)."""
-    from .distributed import detect_launch
-
-    return dist.get_rank() if dist.is_initialized() else detect_launch().rank
-
-
 def find_resume_checkpoint(root: str, allow_fresh_start: bool = False, log: bool = True) -> Optional[str]:
     """The checkpoint a resume loads, or None for a fresh start (an empty or missing directory, or one with only
     `.tmp-iter_*` leftovers). Raises ConfigError when the directory holds checkpoints but none is complete,
     unless allow_fresh_start (then it warns and returns None)."""
     complete, incomplete = scan_checkpoints(root)
-    say = logger.warning if log and _env_rank() == 0 else (lambda *a: None)
+    say = logger.warning if log and launch_rank() == 0 else (lambda *a: None)
     path = latest_checkpoint(root)
     if path is not None:
         if incomplete:
@@ -202,7 +192,7 @@ def check_resume_data(path: str, saved: Optional[dict], current: dict, allow_cha
     `path`) on other train prompts than it was taken on (`current`: this run's sampler state)."""
     if not saved:
         return
-    say = logger.warning if log and _env_rank() == 0 else (lambda *a: None)
+    say = logger.warning if log and launch_rank() == 0 else (lambda *a: None)
     n_saved, n_now = int(saved["num_examples"]), int(current["num_examples"])
     if n_saved != n_now:
         raise ConfigError(
@@ -211,6 +201,16 @@ def check_resume_data(path: str, saved: Optional[dict], current: dict, allow_cha
             + (" (checkpoint.allow_data_change=true covers only a same-size change)" if allow_change else "")
             + ": use the data and prompt settings the run started with, or export the checkpoint "
               "(tools/convert_checkpoint.py mcore-to-hf) and start a new run in another checkpoint.dir from it.")
+    if "seed" in saved and int(saved["seed"]) != int(current["seed"]):
+        # a file's prompts are the same under any data.seed (the fingerprint cannot see it), but the order is not
+        if not allow_change:
+            raise ConfigError(
+                f"cannot resume {path}: it was taken with data.seed={saved['seed']}, this run sets data.seed="
+                f"{current['seed']}. The seed fixes the train prompt order and the saved position is a place in the "
+                f"old order (a new one would repeat some prompts and skip others): set data.seed={saved['seed']} "
+                f"to resume, or checkpoint.allow_data_change=true to continue in the saved order.")
+        say("%s: data.seed=%s here, but the checkpoint's prompt order (data.seed=%s) continues, as "
+            "checkpoint.allow_data_change asks", path, current["seed"], saved["seed"])
     old, new = saved.get("fingerprint"), current.get("fingerprint")
     if not old or not new:
         say("%s: no train-prompt fingerprint to compare (a checkpoint written before they were saved); the "
@@ -291,7 +291,7 @@ def save_checkpoint(root: str, step: int, models, optimizer=None, scheduler=None
     metadata = _optim_metadata(optimizer_format)
     name = checkpoint_name(step)
     final, tmp = os.path.join(root, name), os.path.join(root, ".tmp-" + name)
-    if _rank() == 0:
+    if launch_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"))
@@ -305,9 +305,9 @@ def save_checkpoint(root: str, step: int, models, optimizer=None, scheduler=None
         dist_checkpointing.save(state, tmp, content_metadata=metadata)
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+               os.path.join(tmp, "rng", f"rank_{launch_rank():05d}.pt"))
     _barrier()
-    if _rank() == 0:
+    if launch_rank() == 0:
         torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler else None,
                     "extra": extra_state or {}}, os.path.join(tmp, "trainer_state.pt"))
         if hf_source_dir:
@@ -383,7 +383,7 @@ def load_checkpoint(path: str, models, optimizer=None, scheduler=None, load_rng:
     if scheduler is not None and trainer_state.get("scheduler"):
         scheduler.load_state_dict(trainer_state["scheduler"])
     world = dist.get_world_size() if dist.is_initialized() else 1
-    rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
+    rng_file = os.path.join(path, "rng", f"rank_{launch_rank():05d}.pt")
     if load_rng and meta.get("world_size") == world and os.path.isfile(rng_file):
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["cpu"])

@@ -44,8 +44,9 @@ def main(argv=None) -> int:
 
         return run_training(cfg)
     except ConfigError as e:
-        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-        if rank == "0":
+        from .distributed import launch_rank
+
+        if launch_rank() == 0:
             print(f"megatron-bppo: configuration error: {e}", file=sys.stderr, flush=True)
         return 2
 

@@ -122,7 +122,8 @@ class CheckpointConfig:
     keep_last: int = 2                   # complete checkpoints kept (0: all); incomplete ones are never removed
     resume: bool = True                  # resume from the latest complete checkpoint under dir
     allow_fresh_start: bool = False      # start at step 0 although dir holds only incomplete checkpoints
-    allow_data_change: bool = False      # resume although the rendered train prompts changed (same count)
+    allow_data_change: bool = False      # resume although the rendered train prompts (same count) or data.seed
+                                         # changed: the saved position and order continue
     break_lock: bool = False             # take dir's lock although its owner may be alive (one-off, on the
                                          # command line: two live runs in one dir overwrite each other)
     optimizer_format: str = "dp_reshardable"   # dp_reshardable: parallel save, resumes at the same TP x PP (any

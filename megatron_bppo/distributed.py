@@ -82,6 +82,19 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def launch_rank(env=None) -> int:
+    """This process's global rank for "only rank 0 prints" decisions, at any time: the process group's once it
+    exists, else the launcher's environment (torchrun RANK, Slurm SLURM_PROCID), 0 for a plain process. Never
+    raises, unlike detect_launch (which needs a complete launch to find the rendezvous)."""
+    if env is None and dist.is_initialized():
+        return dist.get_rank()
+    env = os.environ if env is None else env
+    try:
+        return int(env.get("RANK", env.get("SLURM_PROCID", "0")))
+    except ValueError:
+        return 0
+
+
 def detect_launch(env=None) -> LaunchEnv:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:

@@ -114,11 +114,12 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     train_prompts, eval_prompts = prompts_from_config(cfg, tokenizer)
     sampler = PromptSampler(len(train_prompts), seed=cfg.data.seed, fingerprint=prompts_fingerprint(train_prompts))
+    resume_path = None
     if cfg.checkpoint.dir:
         # Every rank, before any process group exists, read-only: a refusal ends all ranks alike. Then rank 0
-        # writes the lock (the other ranks wait until it names this launch).
+        # writes the lock (the other ranks wait until it names this launch; no other run writes here after it).
         check_checkpoint_lock(cfg.checkpoint.dir, break_lock=cfg.checkpoint.break_lock)
-        resume_checkpoint(cfg.checkpoint, sampler.state_dict())
+        resume_path = resume_checkpoint(cfg.checkpoint, sampler.state_dict())
         take_checkpoint_lock(cfg.checkpoint.dir, break_lock=cfg.checkpoint.break_lock,
                              wait_s=process_group_timeout_s(cfg.parallel))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -138,7 +139,7 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
     run = Run(cfg, launch.rank, bridge, learner, ref, engine, train_prompts, eval_prompts,
               sampler, sampling_schedule(cfg.algorithm),
               prefix_rule(cfg.algorithm), reward_fn, stop or StopRequest())
-    resumed = resume(run)
+    resumed = resume(run, resume_path)
     run.metrics = MetricsLogger(cfg.run_dir, use_tensorboard=cfg.train.tensorboard,
                                 wandb={"project": cfg.train.wandb_project} if cfg.train.wandb_project else None,
                                 # a fresh start (-1) drops lines an earlier, killed attempt left behind
@@ -151,11 +152,10 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
     return run
 
 
-def resume(run: Run) -> bool:
-    """Load the latest complete checkpoint, if any (checkpointing.resume_checkpoint: refuses incomplete-only
-    directories and changed train prompts, as setup already checked before building anything)."""
+def resume(run: Run, path: Optional[str]) -> bool:
+    """Load the checkpoint `path` (setup's checkpointing.resume_checkpoint, checked before anything was built:
+    the latest complete one, its train prompts matching), if any."""
     cfg = run.cfg
-    path = resume_checkpoint(cfg.checkpoint, run.sampler.state_dict(), log=False)
     if path is None:
         return False
     state = load_checkpoint(path, run.learner.models, run.learner.optimizer, run.learner.scheduler)

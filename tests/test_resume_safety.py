@@ -21,7 +21,7 @@ import torch
 from conftest import ROOT, free_port, torchrun_command
 from megatron_bppo.checkpointing import META, latest_checkpoint, resume_checkpoint, rotate_checkpoints
 from megatron_bppo.run_lock import LOCK, check_checkpoint_lock, take_checkpoint_lock
-from megatron_bppo.config import CheckpointConfig, Config, ConfigError
+from megatron_bppo.config import CheckpointConfig, ConfigError
 from megatron_bppo.data import PromptSampler, prompts_fingerprint
 
 TOOL = "tools/convert_checkpoint.py"
@@ -46,11 +46,9 @@ def point_latest(root, step):
         f.write(f"iter_{step:07d}")
 
 
-def fake_run(ckpt_dir, sampler, **ckpt):
-    """What trainer.resume reads of a Run before it loads anything."""
-    cfg = Config()
-    cfg.checkpoint = CheckpointConfig(dir=str(ckpt_dir), **ckpt)
-    return SimpleNamespace(cfg=cfg, sampler=sampler, rank=0, learner=None)
+def resumes_from(ckpt_dir, sampler, **ckpt):
+    """What trainer.setup decides before it builds anything: the checkpoint to load, or None (a fresh start)."""
+    return resume_checkpoint(CheckpointConfig(dir=str(ckpt_dir), **ckpt), sampler.state_dict())
 
 
 def prompts(refs, tokens=None):
@@ -61,29 +59,24 @@ def prompts(refs, tokens=None):
 # ------------------------------------------------------------------------- 1. incomplete checkpoints
 def test_only_incomplete_checkpoints_refuse_a_fresh_start(tmp_path):
     """`latest` names a checkpoint without its completion marker (a full disk): resume must not start at step 0."""
-    from megatron_bppo.trainer import resume
-
     root = tmp_path / "ckpt"
     fake_checkpoint(str(root), 2, complete=False)
     point_latest(str(root), 2)
-    run = fake_run(root, PromptSampler(4))
     with pytest.raises(ConfigError) as e:
-        resume(run)
+        resumes_from(root, PromptSampler(4))
     msg = str(e.value)
     assert "checkpoint.allow_fresh_start=true" in msg and "iter_0000002" in msg and f"no {META}" in msg
     assert "latest: names 'iter_0000002', which is incomplete" in msg
-    assert resume(fake_run(root, PromptSampler(4), allow_fresh_start=True)) is False     # asked for: step 0
+    assert resumes_from(root, PromptSampler(4), allow_fresh_start=True) is None           # asked for: step 0
     assert os.path.isdir(root / "iter_0000002")                                          # and nothing removed
 
 
 def test_empty_missing_or_interrupted_first_write_is_a_normal_fresh_start(tmp_path):
-    from megatron_bppo.trainer import resume
-
-    assert resume(fake_run(tmp_path / "none", PromptSampler(4))) is False
+    assert resumes_from(tmp_path / "none", PromptSampler(4)) is None
     (tmp_path / "empty").mkdir()
-    assert resume(fake_run(tmp_path / "empty", PromptSampler(4))) is False
+    assert resumes_from(tmp_path / "empty", PromptSampler(4)) is None
     (tmp_path / "first" / ".tmp-iter_0000001").mkdir(parents=True)       # killed during its first save
-    assert resume(fake_run(tmp_path / "first", PromptSampler(4))) is False
+    assert resumes_from(tmp_path / "first", PromptSampler(4)) is None
 
 
 def test_a_truncated_marker_is_never_taken_as_latest(tmp_path):
@@ -125,8 +118,6 @@ def test_prompt_fingerprint_covers_token_ids_and_answers_and_is_saved():
 
 def test_resume_refuses_changed_train_prompts_of_the_same_size(tmp_path):
     """Same number of prompts, other content: the saved position would mean other prompts."""
-    from megatron_bppo.trainer import resume
-
     saved = PromptSampler(3, seed=0, fingerprint=prompts_fingerprint(prompts(["1", "2", "3"])))
     saved.next_indices(2)
     root = str(tmp_path)
@@ -134,7 +125,7 @@ def test_resume_refuses_changed_train_prompts_of_the_same_size(tmp_path):
     point_latest(root, 5)
     changed = PromptSampler(3, seed=0, fingerprint=prompts_fingerprint(prompts(["1", "2", "4"])))
     with pytest.raises(ConfigError, match="checkpoint.allow_data_change=true") as e:
-        resume(fake_run(root, changed))
+        resumes_from(root, changed)
     assert "iter_0000005" in str(e.value)
     ok = CheckpointConfig(dir=root, allow_data_change=True)
     assert resume_checkpoint(ok, changed.state_dict()) == os.path.join(root, "iter_0000005")
@@ -142,6 +133,27 @@ def test_resume_refuses_changed_train_prompts_of_the_same_size(tmp_path):
     assert resume_checkpoint(CheckpointConfig(dir=root), same.state_dict()) == os.path.join(root, "iter_0000005")
     with pytest.raises(ConfigError, match="3 train prompts, the data now gives 4"):      # the size check stays
         resume_checkpoint(ok, PromptSampler(4, fingerprint="x").state_dict())
+
+
+def test_resume_refuses_another_data_seed_unless_allowed(tmp_path, caplog):
+    """A file's prompts are the same under any data.seed (same fingerprint), but the saved position is a place in
+    the saved seed's order: another seed is refused, and allow_data_change continues in the saved order."""
+    fp = prompts_fingerprint(prompts(["1", "2", "3", "4"]))
+    saved = PromptSampler(4, seed=3, fingerprint=fp)
+    first = saved.next_indices(2)
+    root = str(tmp_path)
+    fake_checkpoint(root, 4, saved.state_dict())
+    point_latest(root, 4)
+    with pytest.raises(ConfigError, match="data.seed=3 to resume") as e:
+        resumes_from(root, PromptSampler(4, seed=5, fingerprint=fp))
+    assert "this run sets data.seed=5" in str(e.value) and "checkpoint.allow_data_change=true" in str(e.value)
+    with caplog.at_level(logging.WARNING, logger="megatron_bppo.checkpointing"):
+        assert resumes_from(root, PromptSampler(4, seed=5, fingerprint=fp), allow_data_change=True) is not None
+    assert "data.seed=3) continues" in caplog.text
+    resumed = PromptSampler(4, seed=5, fingerprint=fp)
+    resumed.load_state_dict(saved.state_dict())            # what trainer.resume then does: the saved order
+    assert sorted(first + resumed.next_indices(2)) == [0, 1, 2, 3]
+    assert resumes_from(root, PromptSampler(4, seed=3, fingerprint=fp)) == os.path.join(root, "iter_0000004")
 
 
 # ------------------------------------------------------------------------- 4. truncated safetensors

@@ -211,10 +211,6 @@ def stack_report(cuda: bool, path: Optional[Path] = None) -> tuple[Optional[Path
     return path, find_mismatches(pins, installed, source=path.name), hard
 
 
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
-
-
 def check_stack(cfg=None, cuda: Optional[bool] = None) -> list[Mismatch]:
     """Warn (rank 0) about every installed package off the platform's pins; raise ConfigError for a hard mismatch
     that this run would hit (module docstring). `cfg`: the run's Config (rollout.backend, model.spec decide which
@@ -225,10 +221,11 @@ def check_stack(cfg=None, cuda: Optional[bool] = None) -> list[Mismatch]:
         from . import uses_cuda
 
         cuda = uses_cuda()
+    from ..distributed import launch_rank
     from ..errors import ConfigError
 
     path, soft, hard = stack_report(cuda)
-    rank0 = _is_rank0()
+    rank0 = launch_rank() == 0
     if path is None:
         if rank0:
             logger.warning("no %s found (looked at the repository root and beside %s): installed versions not "

