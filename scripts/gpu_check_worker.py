@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megatron_bppo.testing.learner_checks import fixed_sequences, nll_loss_fn, resume_for_check  # noqa: E402
+from megatron_bppo.testing.learner_checks import fixed_sequences, resume_for_check, train_for_check  # noqa: E402
 from megatron_bppo.config import LearnerConfig, ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 
 
@@ -93,24 +93,17 @@ def main():
         if args.dtype == "bfloat16":
             result["logprob_vs_hf_bf16"] = diff(mine, hf_logprobs(args.hf, seqs, torch.bfloat16, platform.device))
 
-    total = sum(len(s) - 1 for s in seqs)
-    fields = [{} for _ in seqs]
     start = 0
     if args.resume:
         start, loaded = resume_for_check(learner, args.resume, seqs)
         result.update(loaded)
-    losses, grad_norms = [], []
-    for step in range(start, args.steps):
-        metrics = learner.train_step(seqs, fields, nll_loss_fn(total))
-        losses.append(float(metrics["loss"]))
-        grad_norms.append(float(metrics["grad_norm"]))
-        if args.save_at and step + 1 == args.save_at:
-            t = time.perf_counter()
-            save_checkpoint(args.ckpt, step + 1, learner.models, learner.optimizer, learner.scheduler,
-                            hf_source_dir=args.hf)
-            result["save_s"] = round(time.perf_counter() - t, 2)
-            result["eval_logprob_sum_at_save"] = float(sum(lp.sum() for lp in learner.compute_logprobs(seqs)))
-    result["losses"], result["grad_norms"] = losses, grad_norms
+
+    def save(step):
+        t = time.perf_counter()
+        save_checkpoint(args.ckpt, step, learner.models, learner.optimizer, learner.scheduler, hf_source_dir=args.hf)
+        return {"save_s": round(time.perf_counter() - t, 2)}
+
+    result.update(train_for_check(learner, seqs, start, args.steps, args.save_at, save))
     if platform.is_cuda:
         result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(platform.device) / 2**30, 2)
     result["total_s"] = round(time.perf_counter() - started, 1)

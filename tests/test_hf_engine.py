@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_bppo.config import RolloutConfig, SamplingConfig  # noqa: E402
+from megatron_bppo.testing.learner_checks import fixed_sequences  # noqa: E402
 
 MAX_LEN = 128
 PROMPTS = [[1, 40, 41, 42, 43], [1, 7, 300, 9], [1, 55, 66, 77, 88, 99, 111], [1, 5]]
@@ -33,9 +34,8 @@ SELF_TOL = 1e-5             # HF engine: decode loop vs teacher-forced
 T, TOP_P = 0.7, 0.9
 
 
-def fixed_sequences(vocab: int):
-    g = torch.Generator().manual_seed(7)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (17, 9, 30, 24, 12, 40)]
+def fixed_token_lists(vocab: int) -> list[list[int]]:
+    return [s.tolist() for s in fixed_sequences(vocab)]
 
 
 def max_diff(a, b) -> float:
@@ -61,7 +61,7 @@ def worker(hf_dir: str, ref_dir: str, out: str):
     hf = HFEngine(hf_dir, hf_config_kwargs())
     engines = {"vllm": vllm, "hf": hf}
     vocab = hf.vocab_size
-    seqs = fixed_sequences(vocab)
+    seqs = fixed_token_lists(vocab)
     r = {}
 
     def both(fn):
@@ -326,7 +326,7 @@ def test_weight_stream_errors_and_tied_embeddings(tiny_llama_tied):
             e.score([[1, 2, 3]])
     stats = e.update_weights(iter(named))
     assert stats.tensors == len(named) and stats.bytes == sum(t.numel() * 4 for _, t in named)
-    seqs = fixed_sequences(e.vocab_size)
+    seqs = fixed_token_lists(e.vocab_size)
     with torch.no_grad():
         expected = [torch.log_softmax(reference(torch.tensor([s])).logits[0, :-1], -1)
                     .gather(1, torch.tensor(s[1:]).unsqueeze(1)).squeeze(1) for s in seqs]

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from megatron_bppo.testing.learner_checks import fixed_sequences, nll_loss_fn, resume_for_check  # noqa: E402
+from megatron_bppo.testing.learner_checks import fixed_sequences, resume_for_check, train_for_check  # noqa: E402
 from megatron_bppo.config import LearnerConfig, ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 
 STEPS = 3
@@ -106,25 +106,19 @@ def main():
         result["export_maxdiff"] = max((exported[k].float().cpu() - original[k].float()).abs().max().item()
                                        for k in original if k in exported)
 
-    total = sum(len(s) - 1 for s in seqs)
-    fields = [{} for _ in seqs]
     start = 0
     if args.resume:
         start, loaded = resume_for_check(learner, args.resume, seqs)
         result.update(loaded)
-    losses, grad_norms = [], []
-    for step in range(start, STEPS):
-        metrics = learner.train_step(seqs, fields, nll_loss_fn(total))
-        losses.append(metrics["loss"])
-        grad_norms.append(metrics["grad_norm"])
-        if args.save_at and step + 1 == args.save_at:
-            save_checkpoint(args.ckpt, step + 1, learner.models, learner.optimizer, learner.scheduler,
-                            hf_source_dir=args.hf, optimizer_format="fully_reshardable")
-            if args.ckpt_dp:
-                save_checkpoint(args.ckpt_dp, step + 1, learner.models, learner.optimizer, learner.scheduler,
-                                hf_source_dir=args.hf, optimizer_format="dp_reshardable")
-            result["eval_logprob_sum_at_save"] = float(sum(lp.sum() for lp in learner.compute_logprobs(seqs)))
-    result["losses"], result["grad_norms"] = losses, grad_norms
+
+    def save(step):
+        save_checkpoint(args.ckpt, step, learner.models, learner.optimizer, learner.scheduler,
+                        hf_source_dir=args.hf, optimizer_format="fully_reshardable")
+        if args.ckpt_dp:
+            save_checkpoint(args.ckpt_dp, step, learner.models, learner.optimizer, learner.scheduler,
+                            hf_source_dir=args.hf, optimizer_format="dp_reshardable")
+
+    result.update(train_for_check(learner, seqs, start, STEPS, args.save_at, save))
     result["padded_vocab"] = padded_rows(bridge, learner)
     final = dict(bridge.export_hf_weights(learner.unwrapped_models()))
     if args.engine:
