@@ -201,22 +201,8 @@ def check_resume_data(path: str, saved: Optional[dict], current: dict, allow_cha
             + (" (checkpoint.allow_data_change=true covers only a same-size change)" if allow_change else "")
             + ": use the data and prompt settings the run started with, or export the checkpoint "
               "(tools/convert_checkpoint.py mcore-to-hf) and start a new run in another checkpoint.dir from it.")
-    if "seed" in saved and int(saved["seed"]) != int(current["seed"]):
-        # a file's prompts are the same under any data.seed (the fingerprint cannot see it), but the order is not
-        if not allow_change:
-            raise ConfigError(
-                f"cannot resume {path}: it was taken with data.seed={saved['seed']}, this run sets data.seed="
-                f"{current['seed']}. The seed fixes the train prompt order and the saved position is a place in the "
-                f"old order (a new one would repeat some prompts and skip others): set data.seed={saved['seed']} "
-                f"to resume, or checkpoint.allow_data_change=true to continue in the saved order.")
-        say("%s: data.seed=%s here, but the checkpoint's prompt order (data.seed=%s) continues, as "
-            "checkpoint.allow_data_change asks", path, current["seed"], saved["seed"])
     old, new = saved.get("fingerprint"), current.get("fingerprint")
-    if not old or not new:
-        say("%s: no train-prompt fingerprint to compare (a checkpoint written before they were saved); the "
-            "train data is not checked on this resume", path)
-        return
-    if old != new:
+    if old and new and old != new:
         if allow_change:
             say("%s: the train prompts changed since this checkpoint (fingerprint %s -> %s); continuing at the saved "
                 "position in the new data as checkpoint.allow_data_change asks", path, old, new)
@@ -226,6 +212,19 @@ def check_resume_data(path: str, saved: Optional[dict], current: dict, allow_cha
             f"of the rendered prompts and reference answers {old} -> {new}; data files, data.* settings, tokenizer "
             f"or chat template). Resuming would continue with another prompt order. Use the original data, or set "
             f"checkpoint.allow_data_change=true to continue at the saved position in the new data.")
+    if saved.get("shuffle", True) and "seed" in saved and int(saved["seed"]) != int(current["seed"]):
+        # the same prompts (a data file's do not depend on data.seed), but the seed fixes their order
+        if not allow_change:
+            raise ConfigError(
+                f"cannot resume {path}: it was taken with data.seed={saved['seed']}, this run sets data.seed="
+                f"{current['seed']}. The seed fixes the train prompt order and the saved position is a place in the "
+                f"old order (a new one would repeat some prompts and skip others): set data.seed={saved['seed']} "
+                f"to resume, or checkpoint.allow_data_change=true to continue in the saved order.")
+        say("%s: data.seed=%s here, but the checkpoint's prompt order (data.seed=%s) continues, as "
+            "checkpoint.allow_data_change asks", path, current["seed"], saved["seed"])
+    if not old or not new:
+        say("%s: no train-prompt fingerprint to compare (a checkpoint written before they were saved); the "
+            "train data is not checked on this resume", path)
 
 
 def resume_checkpoint(ckpt_cfg, sampler_state: dict, log: bool = True) -> Optional[str]:

@@ -41,12 +41,6 @@ def _process_start_time(pid: int) -> Optional[float]:
         return -1.0
 
 
-def _env_launch_rank(env: Optional[Mapping[str, str]]) -> int:
-    from .distributed import detect_launch
-
-    return detect_launch(env).rank
-
-
 def lock_identity(env: Optional[Mapping[str, str]] = None) -> dict:
     """This process as a lock owner. `launch` is the same string on every rank of one launch (torchrun or srun
     rendezvous address, job / restart ids) and differs between launches alive at the same time."""
@@ -194,8 +188,10 @@ def check_checkpoint_lock(root: str, rank: Optional[int] = None, break_lock: boo
                           env: Optional[Mapping[str, str]] = None):
     """Read-only: raise ConfigError when checkpoint dir `root` is held by another run this rank can judge live (or
     cannot check). Every rank calls it first, so that a refusal ends every rank before any of them waits."""
+    from .distributed import launch_rank
+
     env = os.environ if env is None else env
-    _judge_lock(root, _env_launch_rank(env) if rank is None else rank, break_lock, env, lock_identity(env))
+    _judge_lock(root, launch_rank(env) if rank is None else rank, break_lock, env, lock_identity(env))
 
 
 def take_checkpoint_lock(root: str, rank: Optional[int] = None, break_lock: bool = False, wait_s: float = 600,
@@ -204,8 +200,10 @@ def take_checkpoint_lock(root: str, rank: Optional[int] = None, break_lock: bool
     returns the CheckpointLock (released at interpreter exit); other ranks only read the lock and return None once
     rank 0 holds it (up to wait_s). Raises ConfigError, on every rank that can judge it, when a live run (or one
     that cannot be checked) holds it."""
+    from .distributed import launch_rank
+
     env = os.environ if env is None else env
-    rank = _env_launch_rank(env) if rank is None else rank
+    rank = launch_rank(env) if rank is None else rank
     me, path = lock_identity(env), os.path.join(root, LOCK)
     for _ in range(3):
         info, action, why = _judge_lock(root, rank, break_lock, env, me)

@@ -367,6 +367,7 @@ def test_trainer_refuses_incomplete_locked_and_changed_data_then_resumes_when_al
     proc, out, took = _train(tiny_qwen2, run_dir, "train.steps=2", "data.seed=7", timeout=300)
     assert proc.returncode != 0 and "exitcode  : 2" in out, out[-5000:]
     assert "checkpoint.allow_data_change=true" in out and "iter_0000001" in out
+    assert "the train prompts changed since it was written" in out and "this run sets data.seed" not in out
     proc, out, _ = _train(tiny_qwen2, run_dir, "train.steps=2", "data.seed=7", "checkpoint.allow_data_change=true")
     assert proc.returncode == 0, out[-5000:]
     assert f"resumed from {ckpt}/iter_0000001 at step 1" in out and "the train prompts changed" in out

@@ -32,6 +32,7 @@ class ScriptedEngine(RolloutEngine):
     def __init__(self, outcome: Callable, max_num_seqs: int = 64):
         self.outcome, self.max_num_seqs = outcome, max_num_seqs
         self.decode_steps = 0          # token steps run by streams (a round's cost is its longest sample)
+        self._init_phase_state(weights_loaded=True)      # it has no memory to free: sleep(level) only flips state
 
     def _completion(self, request, tokens: Optional[int] = None, finish: Optional[str] = None) -> Completion:
         length, correct = self.outcome(request)
