@@ -32,7 +32,7 @@ per arm vs GRPO paired by seed: final greedy pass@1 difference (mean, 95 % t int
 bootstrap over held-out problems of the seed-mean difference), mean@k difference, held-out length ratio
 (geometric mean, 95 % t interval on the log ratio), training-time ratio to reach 95 % of GRPO's final check
 accuracy (GRPO / arm, > 1 = faster; geometric mean and interval over the seeds where both reached it), step-time
-ratio; the pre-registered success criteria judged from those intervals. Writes <results>/analysis/{analysis.json,
+ratio, rollout time and generated-token ratios per step (arm / GRPO; issue 13's measure, descriptive); the pre-registered success criteria judged from those intervals. Writes <results>/analysis/{analysis.json,
 analysis.md, head_to_head.png}.
 """
 import argparse
@@ -325,6 +325,9 @@ def analyze(summaries, protocol=None):
             "step_seconds": statistics.fmean(x["time/step"] for x in steps) if steps else float("nan"),
             "phase_seconds": {p: phase(p) for p in PHASES},
             "samples_per_step": statistics.fmean(x.get("samples", 0) for x in steps) if steps else float("nan"),
+            "generated_tokens_per_step": (statistics.fmean(x["rollout/tokens_generated"] for x in steps)
+                                          if steps and all("rollout/tokens_generated" in x for x in steps)
+                                          else None),
             "learner_tokens_per_step": (statistics.fmean(x.get("selected/tokens", 0) for x in steps)
                                         if steps else float("nan")),
             "train_length_last_half": (statistics.fmean(x.get("response_length/mean", 0)
@@ -353,7 +356,14 @@ def analyze(summaries, protocol=None):
                      [(main[("grpo", sd)]["final"]["greedy"]["bits"], main[(a, sd)]["final"]["greedy"]["bits"])
                       for sd in seeds]),
                  "length_ratio": ratio_ci([v[sd]["final_length"] / g[sd]["final_length"] for sd in seeds]),
-                 "step_time_ratio": ratio_ci([g[sd]["step_seconds"] / v[sd]["step_seconds"] for sd in seeds])}
+                 "step_time_ratio": ratio_ci([g[sd]["step_seconds"] / v[sd]["step_seconds"] for sd in seeds]),
+                 # issue 13's rollout measure on this task: arm / GRPO per step (< 1: a cheaper rollout)
+                 "rollout_time_ratio": ratio_ci([v[sd]["phase_seconds"]["rollout"] / g[sd]["phase_seconds"]["rollout"]
+                                                 for sd in seeds]),
+                 "rollout_token_ratio": ratio_ci([v[sd]["generated_tokens_per_step"]
+                                                  / g[sd]["generated_tokens_per_step"] for sd in seeds
+                                                  if v[sd]["generated_tokens_per_step"]
+                                                  and g[sd]["generated_tokens_per_step"]])}
         speedups, reached = [], 0
         for sd in seeds:
             tg = time_to_target(main[("grpo", sd)], target) if target is not None else None
@@ -417,15 +427,17 @@ def tables(result) -> str:
     lines += ["", f"Paired by seed against GRPO (mean [95 % interval]); target = {result['protocol']['target_fraction']}"
               f" x GRPO's mean final check accuracy = {'n/a' if tgt is None else f'{tgt:.3f}'}:", "",
               "| arm | seeds | final pass@1 | diff vs GRPO (t over seeds) | diff (bootstrap over problems) | "
-              "mean@k diff | length ratio | step-time speed-up | speed-up to target [reached] |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "mean@k diff | length ratio | step-time speed-up | speed-up to target [reached] | "
+              "rollout time ratio | rollout token ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a, e in result["vs_grpo"].items():
         lines.append(f"| {a} | {len(e['seeds'])} | {fmt_ci(e['final_accuracy'])} | "
                      f"{fmt_ci(e['accuracy_diff'], signed=True)} | "
                      f"{fmt_ci(e['accuracy_diff_problem_bootstrap'], signed=True)} | "
                      f"{fmt_ci(e['mean_at_k_diff'], signed=True)} | {fmt_ci(e['length_ratio'], 2)} | "
                      f"{fmt_ci(e['step_time_ratio'], 2)} | {fmt_ci(e['speedup_to_target'], 2)} "
-                     f"[{e['reached_target']}] |")
+                     f"[{e['reached_target']}] | {fmt_ci(e['rollout_time_ratio'], 2)} | "
+                     f"{fmt_ci(e['rollout_token_ratio'], 2)} |")
     lines += ["", "Pre-registered criteria (accuracy: lower bound of the diff interval > -margin; length: upper "
               "bound of the ratio interval <= 0.7; speed: lower bound of the speed-up interval > 1):", "",
               "| arm | accuracy non-inferior | within +-margin | length <= 0.7x (interval) | (point) | faster | "

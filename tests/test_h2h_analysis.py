@@ -41,7 +41,8 @@ def summary(h2h, name, kind, arm, seed, lr, checks, step_s, final=None, steps=40
                         "length_median": 80.0, "prompts": 64} for st, a in checks],
             "step_series": [{"step": i + 1, "time/step": step_s, "time/rollout": step_s / 3,
                              "time/logprob": step_s / 3, "time/update": step_s / 3, "time/sync": 0.0,
-                             "response_length/mean": 80.0, "samples": 64, "selected/tokens": 1000}
+                             "response_length/mean": 80.0, "samples": 64, "selected/tokens": 1000,
+                             "rollout/tokens_generated": 100 * step_s}
                             for i in range(steps)],
             "final": final}
 
@@ -144,6 +145,8 @@ def test_analysis_from_summaries_alone(h2h, tmp_path):
     ratios = [b / g for g, b in zip(LENGTH["grpo"], LENGTH["bppo"])]
     assert e["length_ratio"]["mean"] == pytest.approx(math.exp(statistics.fmean(math.log(r) for r in ratios)))
     assert e["step_time_ratio"]["mean"] == pytest.approx(2.0)
+    assert e["rollout_time_ratio"]["mean"] == pytest.approx(0.5)                  # arm / GRPO
+    assert e["rollout_token_ratio"]["mean"] == pytest.approx(0.5)
     assert e["mean_at_k_diff"]["mean"] == pytest.approx(statistics.fmean(b - g for g, b in zip(FINAL["grpo"],
                                                                                               FINAL["bppo"])))
     boot = e["accuracy_diff_problem_bootstrap"]
