@@ -1,5 +1,6 @@
 """The CPU workarounds: each one is still needed (leaving it out breaks a real megatron-core path with the
 error it documents) and still sufficient (with all of them the paths run; see also test_learner_parity)."""
+import dataclasses
 import json
 import os
 import signal
@@ -50,6 +51,18 @@ def test_workaround_is_still_needed(tiny_qwen2, name):
     assert out.returncode != 0 and "PROBE OK" not in out.stdout, \
         f"megatron-core no longer needs the {name!r} workaround: remove it from platform/cpu_compat.py"
     assert message in text and where in text, text[-3000:]
+
+
+def test_on_cuda_only_the_torch_adam_fixes_are_installed(monkeypatch):
+    """megatron-core's DistributedOptimizer load path for torch's Adam is the same on a GPU without TE / Apex: those
+    two fixes are installed there too (they leave any other optimizer to megatron-core); the CUDA ones are not."""
+    installed = []
+    monkeypatch.setattr(cpu_compat, "WORKAROUNDS", [dataclasses.replace(w, install=lambda n=w.name: installed.append(n))
+                                                    for w in cpu_compat.WORKAROUNDS])
+    monkeypatch.setattr(cpu_compat, "_APPLIED", [])
+    monkeypatch.delenv("MEGATRON_BPPO_CPU_SKIP", raising=False)
+    monkeypatch.setattr(cpu_compat.torch.cuda, "is_available", lambda: True)
+    assert cpu_compat.apply() == installed == ["distopt_load_states", "distopt_step_copy"]
 
 
 def test_unknown_skip_name_is_rejected(monkeypatch):

@@ -1,7 +1,8 @@
 """Device and backend choice: CUDA + NCCL where a GPU is present, CPU + gloo otherwise.
 
-`init_platform()` is the one entry point; on CPU it also applies the megatron-core compatibility
-workarounds from `cpu_compat` (the only place in megatron_bppo that patches torch or megatron).
+`init_platform()` is the one entry point; it also applies the megatron-core compatibility workarounds from
+`cpu_compat` (the only place in megatron_bppo that patches torch or megatron): all of them on CPU, the torch-Adam
+optimizer-load fixes on CUDA.
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ def device_index(local_rank: int, device_count: int) -> int:
 
 
 def init_platform(backend: str = "auto", local_rank: int | None = None) -> Platform:
-    """Pick device/backend once per process; on CPU apply the megatron-core workarounds."""
+    """Pick device/backend once per process and apply the megatron-core workarounds it needs."""
     global _PLATFORM
+    from . import cpu_compat
+
     if _PLATFORM is not None:
         return _PLATFORM
     if local_rank is None:
@@ -43,12 +46,10 @@ def init_platform(backend: str = "auto", local_rank: int | None = None) -> Platf
         if backend == "gloo":
             raise RuntimeError("parallel.backend=gloo on a CUDA machine is not supported: use auto or nccl")
         torch.cuda.set_device(device_index(local_rank, torch.cuda.device_count()))
-        _PLATFORM = Platform(torch.device("cuda", torch.cuda.current_device()), "nccl")
+        _PLATFORM = Platform(torch.device("cuda", torch.cuda.current_device()), "nccl", tuple(cpu_compat.apply()))
     else:
         if backend == "nccl":
             raise RuntimeError("parallel.backend=nccl needs a CUDA GPU and none is visible: use auto or gloo")
-        from . import cpu_compat
-
         _PLATFORM = Platform(torch.device("cpu"), "gloo", tuple(cpu_compat.apply()))
     return _PLATFORM
 

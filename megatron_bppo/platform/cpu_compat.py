@@ -1,9 +1,12 @@
-"""megatron-core compatibility workarounds for a CPU-only torch build over gloo.
+"""megatron-core compatibility workarounds for a CPU-only torch build over gloo, and for torch's Adam anywhere.
 
 Checked against megatron-core 0.16.1 and torch 2.13.0+cpu (no TransformerEngine, no Apex). megatron-core
 assumes CUDA in a handful of places; each `Workaround` below names the file that needs it, why, and how it
-is undone. `apply()` installs all of them (CPU only); `MEGATRON_BPPO_CPU_SKIP=name1,name2` leaves some out,
-which tests/test_platform.py uses to prove every workaround is still needed and still sufficient.
+is undone. `apply()` installs all of them on CPU; on CUDA only the two `torch_adam` ones (distopt_*): they fix
+megatron-core's generic DistributedOptimizer load path for torch's Adam / AdamW, which it builds on a GPU too when
+neither TransformerEngine nor Apex imports, and do nothing for any other optimizer (TE's / Apex's FusedAdam keep
+'step' in their param groups). `MEGATRON_BPPO_CPU_SKIP=name1,name2` leaves some out, which tests/test_platform.py
+uses to prove every workaround is still needed and still sufficient.
 
 Choices made by configuration instead of patches (see model/bridge.py): batch_p2p_comm=False (so
 p2p_communication.py:398 never synchronizes after batched p2p), sequence_parallel=False (torch LayerNorm/RMSNorm
@@ -37,6 +40,12 @@ class Workaround:
     where: str           # the megatron-core file(s) that need it
     why: str
     install: Callable[[], None]
+    torch_adam: bool = False      # a fix of megatron-core's torch-Adam path: installed on every platform
+
+
+def _is_torch_adam(optimizer) -> bool:
+    """megatron-core's inner optimizer when neither TransformerEngine nor Apex is importable."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
 
 
 def _is_cuda_device(d) -> bool:
@@ -112,7 +121,7 @@ def _install_distopt_load_states():
     original = DistributedOptimizer._set_main_param_and_optimizer_states
 
     def set_states(self, model_param, tensors):
-        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 or not _is_torch_adam(self.optimizer):
             return original(self, model_param, tensors)
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
@@ -136,6 +145,8 @@ def _install_distopt_step_copy():
         with torch.no_grad():
             result = original(self, state_dict)
         for optimizer in getattr(self, "chained_optimizers", [self]):
+            if not _is_torch_adam(optimizer.optimizer):
+                continue
             for state in optimizer.optimizer.state.values():
                 if "step" in state:
                     state["step"] = state["step"].clone()
@@ -186,15 +197,17 @@ WORKAROUNDS = [
         "with torch Adam (no Apex/TE) the fully_reshardable load passes no 'step' tensor while the destination "
         "has one -> KeyError: 'step'; copy the destination's keys the checkpoint has, except 'step' (restored "
         "from param_groups by load_state_dict's non-Apex path; a dp_reshardable entry's own 'step' loads as 0 "
-        "here, measured) and dp_reshardable's bookkeeping keys ('padding', 'gbuf_local_start', ...)",
-        _install_distopt_load_states),
+        "here, measured: the dp_reshardable template wraps the fresh optimizer's step 0 as a non-persistent "
+        "local value, :1664-1667, which this copy would write over the restored step, on GPU as on CPU) and "
+        "dp_reshardable's bookkeeping keys ('padding', 'gbuf_local_start', ...). torch Adam only",
+        _install_distopt_load_states, torch_adam=True),
     Workaround(
         "distopt_step_copy",
         "optimizer/distrib_optimizer.py (load_state_dict, non-Apex/TE 'step' path)",
         "load_state_dict assigns one shared 'step' tensor to every param; torch Adam increments it once per "
         "param, corrupting bias correction (silent). Give each param its own copy; load under no_grad "
-        "(in-place copy into leaf views otherwise raises)",
-        _install_distopt_step_copy),
+        "(in-place copy into leaf views otherwise raises). torch Adam only",
+        _install_distopt_step_copy, torch_adam=True),
 ]
 
 
@@ -206,16 +219,18 @@ _APPLIED: list[str] = []
 
 
 def apply() -> list[str]:
-    """Install every CPU workaround (idempotent). Returns the names applied."""
-    if _APPLIED or torch.cuda.is_available():
+    """Install the workarounds this platform needs (idempotent): every one on CPU, the torch_adam ones on CUDA.
+    Returns the names applied."""
+    if _APPLIED:
         return list(_APPLIED)
+    cuda = torch.cuda.is_available()
     skip = skipped()
     unknown = skip - {w.name for w in WORKAROUNDS}
     if unknown:
         raise ValueError(f"MEGATRON_BPPO_CPU_SKIP names unknown workarounds {sorted(unknown)}; "
                          f"known: {[w.name for w in WORKAROUNDS]}")
     for workaround in WORKAROUNDS:
-        if workaround.name not in skip:
+        if workaround.name not in skip and (workaround.torch_adam or not cuda):
             workaround.install()
             _APPLIED.append(workaround.name)
     return list(_APPLIED)
