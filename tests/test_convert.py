@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_procs
+from megatron_bppo.run_lock import LOCK
 
 TOOL = "tools/convert_checkpoint.py"
 
@@ -74,10 +75,14 @@ def test_bad_inputs_fail_fast(tmp_path, untied_round_trip):
     proc = run_procs([TOOL, "hf-to-mcore", "--hf-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path / "o")],
                      check=False)
     assert proc.returncode == 2 and "is not a directory" in proc.stderr
-    mcore, _ = untied_round_trip
+    mcore, hf_out = untied_round_trip
     proc = run_procs([TOOL, "mcore-to-hf", "--ckpt-dir", mcore, "--out-dir", str(tmp_path / "o"), "--tp", "2"],
                      check=False)
     assert proc.returncode == 2 and "run under `torchrun --nproc-per-node 2`" in proc.stderr
+    assert not os.path.exists(os.path.join(mcore, LOCK))         # the conversion's lock went with it
+    proc = run_procs([TOOL, "hf-to-mcore", "--hf-dir", hf_out, "--out-dir", mcore], check=False)   # a checkpoint root
+    assert proc.returncode == 2 and f"--out-dir {mcore!r} already holds checkpoints (iter_0000000)" in proc.stderr
+    assert sorted(os.listdir(mcore)) == ["iter_0000000", "latest"]
 
 
 def test_tampered_checkpoint_is_refused(untied_round_trip, tmp_path):

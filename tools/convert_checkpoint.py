@@ -67,6 +67,23 @@ def _checkpoint(ckpt_dir: str) -> str:
                       f"them{found}")
 
 
+def _claim_out_dir(out_dir: str):
+    """hf-to-mcore's --out-dir: refused when it holds checkpoints (the step-0 checkpoint would become its `latest`,
+    and a run resuming from that directory would restart at step 0), then locked like a training run's
+    checkpoint.dir (refused while a live run holds it; released at exit)."""
+    from megatron_bppo.checkpointing import scan_checkpoints
+    from megatron_bppo.run_lock import check_checkpoint_lock, take_checkpoint_lock
+
+    complete, incomplete = scan_checkpoints(out_dir)
+    if complete or incomplete:
+        names = complete + [name for name, _ in incomplete]
+        raise ConfigError(f"--out-dir {out_dir!r} already holds checkpoints ({', '.join(names[:4])}"
+                          f"{', ...' if len(names) > 4 else ''}): writing a step-0 checkpoint there would become its "
+                          f"latest; pass a new or empty directory")
+    check_checkpoint_lock(out_dir)
+    take_checkpoint_lock(out_dir)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from megatron_bppo.checkpointing import load_checkpoint, save_checkpoint
@@ -78,6 +95,7 @@ def main(argv=None) -> int:
     if args.direction == "hf-to-mcore":
         source = args.hf_dir
         hf_config = read_hf_config(source, args.trust_remote_code, label=f"--hf-dir {source!r}")
+        _claim_out_dir(args.out_dir)
     else:
         ckpt = _checkpoint(args.ckpt_dir)
         source = os.path.join(ckpt, "hf")
