@@ -293,8 +293,8 @@ def save_checkpoint(root: str, step: int, models, optimizer=None, scheduler=None
     if launch_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "rng"))
-    _barrier()
+        os.makedirs(tmp)            # empty: megatron-core warns "Overwriting old incomplete / corrupted checkpoint"
+    _barrier()                      # into a non-empty one (serialization.py:383-387, 0.16.1)
     state = _model_state(models)
     if optimizer is not None:
         ensure_optimizer_state(optimizer)
@@ -302,6 +302,7 @@ def save_checkpoint(root: str, step: int, models, optimizer=None, scheduler=None
     # synchronous save, without megatron-core's per-rank multiprocessing Manager (it would outlive a killed rank)
     with in_process_save_results_queue():
         dist_checkpointing.save(state, tmp, content_metadata=metadata)
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                os.path.join(tmp, "rng", f"rank_{launch_rank():05d}.pt"))
