@@ -32,7 +32,8 @@ per arm vs GRPO paired by seed: final greedy pass@1 difference (mean, 95 % t int
 bootstrap over held-out problems of the seed-mean difference), mean@k difference, held-out length ratio
 (geometric mean, 95 % t interval on the log ratio), training-time ratio to reach 95 % of GRPO's final check
 accuracy (GRPO / arm, > 1 = faster; geometric mean and interval over the seeds where both reached it), step-time
-ratio, rollout time and generated-token ratios per step (arm / GRPO; issue 13's measure, descriptive); the pre-registered success criteria judged from those intervals. Writes <results>/analysis/{analysis.json,
+ratio, rollout time and generated-token ratios per step (arm / GRPO; issue 13's measure, descriptive); the
+pre-registered success criteria judged from those intervals. Writes <results>/analysis/{analysis.json,
 analysis.md, head_to_head.png}.
 """
 import argparse
