@@ -7,7 +7,7 @@
       --(StepSchedule.resolve; a group whose samples have all finished and that is still single-class gets
         n_step more at once, up to g_max; once every group is settled and too few are mixed, drawn prompts join)
       --(algorithm.early_stop: running samples binary selection can no longer pick are stopped, counted as
-        incorrect or left out)--> ... until nothing is outstanding
+        incorrect or left out)--> ... until nothing is outstanding (or `stop` says so: the rollout is abandoned)
     -> [Group] (every kept completion, in sample order) + the scheduler's counters + token accounting.
 GRPO is the fixed schedule (G completions per prompt, one batch).
 """
@@ -67,6 +67,7 @@ class RolloutResult:
     stopped_samples: int
     engine_steps: int               # stream.step() calls: decode steps (vLLM stream at world size 1; with several
                                     # replicas, gathers), generate calls with rollout.schedule=rounds
+    interrupted: bool = False       # `stop` said so between engine steps: groups are empty, nothing was recorded
 
     def token_accounting(self, trained: int) -> dict:
         """generated = trained (kept prefixes of the selected samples, UpdateBatch.tokens) + reward_only (every
@@ -77,9 +78,13 @@ class RolloutResult:
 
 def collect_groups(engine, scheduler: AdaptiveScheduler, prompts: list, sampling, reward_fn, reward_kwargs: dict,
                    seed: int, draw_more: Optional[Callable[[int], list]] = None, streaming: bool = True,
-                   early_stop: str = "off") -> RolloutResult:
+                   early_stop: str = "off", stop: Optional[Callable[[], bool]] = None) -> RolloutResult:
     """`prompts`: rendered prompts (.example.id, .example.reference, .token_ids); `seed`: the step's rollout seed.
-    Every rank calls this with the same arguments and gets the same groups (the stream gathers over replicas)."""
+    Every rank calls this with the same arguments and gets the same groups (the stream gathers over replicas).
+    `stop` (trainer.StopRequest.requested) is asked after every engine step, on every rank at the same step (it may
+    be a collective); True closes the stream and returns at once with `interrupted` set and no outcome recorded
+    in the schedule (its offers are: the trainer saves its pre-step snapshot). A stop signal must not wait for a
+    rollout that can take minutes (torchrun SIGKILLs the ranks 30 s after passing on its SIGTERM)."""
     by_id: dict[str, Group] = {}
     samples: dict[str, list] = {}          # prompt id -> [(sample index, completion, reward, correct)]
     next_index: dict[str, int] = {}
@@ -112,6 +117,9 @@ def collect_groups(engine, scheduler: AdaptiveScheduler, prompts: list, sampling
         while stream.outstanding:
             step = stream.step()
             engine_steps += 1
+            if stop is not None and stop():
+                return RolloutResult([], {}, reward_seconds, generated, stopped_tokens, stopped_samples, engine_steps,
+                                     interrupted=True)
             if step.finished:
                 started = time.perf_counter()
                 scores = score_once(reward_fn, [(c.text, by_id[pid].reference) for (pid, _), c in step.finished],

@@ -58,10 +58,11 @@ class StopRequest:
     def requested(self) -> bool:
         from .platform import current_platform
 
+        if not dist.is_initialized():      # asked after every engine step: no device round trip when alone
+            return self.signal is not None
         # on the platform's device: NCCL (the default group on GPUs) has no CPU tensors
         flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=current_platform().device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
@@ -203,11 +204,12 @@ def rl_step(run: Run, step: int, timer) -> Optional[dict]:
     with timer("rollout"):
         rollout = collect_groups(run.engine, run.sampling_schedule, prompts, cfg.sampling, run.reward_fn,
                                  cfg.reward.kwargs, seed=step_seed, draw_more=draw if algo.target_pairs else None,
-                                 streaming=cfg.rollout.schedule == "stream", early_stop=algo.early_stop)
+                                 streaming=cfg.rollout.schedule == "stream", early_stop=algo.early_stop,
+                                 stop=run.stop.requested)
         run.engine.sleep()
     timer.times["reward"] = rollout.reward_seconds           # scored between engine steps: not engine time
     timer.times["rollout"] -= rollout.reward_seconds
-    if run.stop.requested():                                  # abandon the step: nothing was trained yet
+    if rollout.interrupted or run.stop.requested():           # abandon the step: nothing was trained yet
         if cfg.checkpoint.dir:
             save(run, step - 1, *snapshot)
         return None

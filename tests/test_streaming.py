@@ -130,6 +130,39 @@ def test_early_stop_keeps_the_selected_pair_and_accounts_every_token(policy):
             == cut.stopped_samples
 
 
+@pytest.mark.parametrize("streaming", [True, False])
+def test_stop_abandons_the_rollout_at_the_next_engine_step(streaming):
+    """A stop signal mid-rollout (trainer.StopRequest.requested) ends it after the engine step in progress: no
+    groups, no outcome recorded in the sampling schedule, the stream closed; without a stop, the same rollout runs to
+    the end (so the check itself changes nothing)."""
+    engine = ScriptedEngine(hashed_outcome(p_of), max_num_seqs=16)
+    prompts, pool = make_prompts(12, 0), [rendered(100 + i, 0.3) for i in range(20)]
+    full = run(engine, scheduler(), prompts, list(pool), streaming)
+    assert not full.interrupted and full.engine_steps > 2 and full.groups
+    asked, streams, closed = [], [], []
+
+    def stop():
+        asked.append(len(asked))
+        return len(asked) == 2
+
+    def stream(*args, **kwargs):
+        streams.append(real_stream(*args, **kwargs))
+        streams[-1].close = lambda: closed.append(True)
+        return streams[-1]
+
+    sched, real_stream = scheduler(), engine.stream
+    before = sched.state_dict()
+    engine.stream = stream
+    drawn = iter(pool)
+    cut = collect_groups(engine, sched, prompts, SamplingConfig(), even_length, {}, seed=11,
+                         draw_more=lambda n: [p for _, p in zip(range(n), drawn)], streaming=streaming, stop=stop)
+    assert cut.interrupted and cut.groups == [] and cut.engine_steps == 2 == len(asked)
+    assert sched.state_dict()["history"] == before["history"]      # no outcome recorded (the trainer saves the
+                                                                   # schedule's pre-step snapshot anyway)
+    if streaming:                                   # closed with samples still running
+        assert len(streams) == 1 and closed == [True] and streams[0].outstanding
+
+
 def test_unselectable_running_bound():
     finished = [(10, True), (14, False), (30, True)]
     assert unselectable_running(finished, {"a": 14, "b": 15, "c": 3}) == ["b"]      # > max(10, 14) only

@@ -213,7 +213,7 @@ class RolloutEngine(abc.ABC):
 
     @property
     def is_sleeping(self) -> bool:
-        return getattr(self, "_sleeping", False)
+        return self._sleeping
 
     def _begin_weight_update(self) -> None:
         """update_weights' entry: refuse a closed engine or non-resident weights; then the engine refuses to sample
