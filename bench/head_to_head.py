@@ -5,6 +5,8 @@
                                                           # runs what is missing, in order; rerun to resume
     python bench/head_to_head.py --analyze-only          # tables, paired intervals, plot: bench/results/h2h only
     python bench/head_to_head.py --phase main --arms bppo_fixed --seeds 2,3 --extend   # a pre-registered extension
+    python bench/head_to_head.py --phase probe --arms bppo_full --seeds 0   # exploratory, NOT pre-registered:
+                                                          # lr_steps steps, checks only, <results>/probes/
 
 Jobs, in order (each a real training job of the CPU config, launched one at a time, as bench/time_to_accuracy.py):
   base        the start model, no training (train.steps=0): the step-0 check and the final held-out evaluation
@@ -95,6 +97,13 @@ OPTIONAL_ARMS = {"class_total": ["algorithm.name=bppo", "algorithm.pair_weightin
                  "stop_as_incorrect": ["algorithm.name=bppo", "algorithm.early_stop=as_incorrect"],
                  "stop_exclude": ["algorithm.name=bppo", "algorithm.early_stop=exclude"]}
 ALL_ARMS = {**ARMS, **OPTIONAL_ARMS}
+# Exploratory probes, NOT pre-registered: added after seed 0's BPPO and random_pair runs grew their answers to the
+# 256-token cap. The half-prefix cut drops the final answer and EOS of every response longer than the 32-token floor,
+# so these test whether training whole responses removes that. `--phase probe` only: lr_steps steps at BPPO's LR,
+# checks only, summaries in <results>/probes/, never in the analysis or the criteria.
+PROBE_ARMS = {"bppo_full": ["algorithm.name=bppo", "algorithm.prefix=full"],
+              "random_pair_full": ["algorithm.name=bppo", "algorithm.selector=random_pair", "algorithm.prefix=full"]}
+ARM_OVERRIDES = {**ALL_ARMS, **PROBE_ARMS}
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 30: 2.042}
 STEP_SKIP = ("eval/", "sync/", "timestamp", "step")      # per-step metrics kept: every other numeric one
@@ -118,6 +127,8 @@ def jobs(protocol, arms, seeds, phase, extend=False):
     if phase in ("all", "main"):
         out += [(f"{a}-s{s}", "main", a, s, None) for s in seeds for a in ALL_ARMS
                 if a in arms and (extend or s in protocol["arm_seeds"].get(a, []))]
+    if phase == "probe":
+        out += [(f"probe-{a}-s{s}", "probe", a, s, None) for s in seeds for a in PROBE_ARMS if a in arms]
     return out
 
 
@@ -164,19 +175,24 @@ def git_state():
 
 
 def job_command(protocol, model, path, kind, arm, seed, lr):
-    steps = 0 if kind == "base" else protocol["lr_steps"] if kind == "lr" else protocol["steps"]
+    steps = 0 if kind == "base" else protocol["lr_steps"] if kind in ("lr", "probe") else protocol["steps"]
     overrides = [*protocol["task"], "eval.samples=0", f"checkpoint.dir={path}/checkpoints",
                  f"checkpoint.save_interval={protocol['checkpoint_interval']}", "checkpoint.keep_last=1",
-                 "checkpoint.allow_fresh_start=true", f"train.export_hf={str(kind != 'lr').lower()}"]
+                 "checkpoint.allow_fresh_start=true", f"train.export_hf={str(has_final_eval(kind)).lower()}"]
     if kind == "base":
         overrides += ["eval.at_start=false"]            # finish() evaluates once: the step-0 check
     else:
-        overrides += ["eval.at_start=false", *ALL_ARMS[arm], f"optim.lr={lr}"]
+        overrides += ["eval.at_start=false", *ARM_OVERRIDES[arm], f"optim.lr={lr}"]
     cmd = train_command(model, path, config=protocol["config"], nproc=2, steps=steps,
                         eval_interval=protocol["check_interval"], eval_size=protocol["check_size"], seed=seed,
                         data_seed=protocol["data_seed"], overrides=overrides)
     # train_command turns checkpoints and the export off (time_to_accuracy's runs): later keys win
     return cmd
+
+
+def has_final_eval(kind) -> bool:
+    """base and main jobs end with the held-out evaluation; LR-sweep and probe jobs have their checks only."""
+    return kind in ("base", "main")
 
 
 def final_eval_command(protocol, model, out_json, seed):
@@ -211,7 +227,7 @@ def summarize_run(name, kind, arm, seed, lr, path, protocol, command, final, wal
                            "length_median": r.get("eval/response_length/median"),
                            "prompts": r.get("eval/prompts")})
     return {"run": name, "kind": kind, "arm": arm, "seed": seed, "lr": lr, "data_seed": protocol["data_seed"],
-            "steps": len(steps), "protocol": protocol, "overrides": ALL_ARMS.get(arm, []), "command": command,
+            "steps": len(steps), "protocol": protocol, "overrides": ARM_OVERRIDES.get(arm, []), "command": command,
             "git": git, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": wall_s,
             "train_seconds": elapsed, "checks": checks, "step_series": steps, "final": final}
 
@@ -223,12 +239,12 @@ def run_job(job, protocol, model, runs_dir, results, chosen):
     path = os.path.join(runs_dir, name)
     cmd = job_command(protocol, model, path, kind, arm, seed, lr)
     fresh = not os.path.isdir(os.path.join(path, "checkpoints"))
-    started = time.time()
+    started, git = time.time(), git_state()             # the code this launch runs (not the tree at its end)
     code, _ = run_logged(cmd, path, fresh=fresh)
     if code != 0:
         return code, f"training exit {code} (see {path}/train.log)"
     final = None
-    if kind != "lr":
+    if has_final_eval(kind):
         out_json = os.path.join(path, "final_eval.json")
         with open(os.path.join(path, "train.log"), "a") as log:
             ecmd = final_eval_command(protocol, os.path.join(path, "hf"), out_json, seed)
@@ -241,8 +257,7 @@ def run_job(job, protocol, model, runs_dir, results, chosen):
         with open(out_json) as f:
             final = json.load(f)
         cmd = cmd + ["&&"] + ecmd
-    summary = summarize_run(name, kind, arm, seed, lr, path, protocol, cmd, final, time.time() - started,
-                            git_state())
+    summary = summarize_run(name, kind, arm, seed, lr, path, protocol, cmd, final, time.time() - started, git)
     tmp = os.path.join(results, f".{name}.json.tmp")
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
@@ -524,8 +539,10 @@ BUDGET = {"grpo": 66.0, "bppo": 32.0, "bppo_literal": 32.0, "bppo_fixed": 34.0, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--phase", default="all", choices=("all", "base", "lr", "main"))
-    p.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ALL_ARMS)} (each at its protocol seeds)")
+    p.add_argument("--phase", default="all", choices=("all", "base", "lr", "main", "probe"),
+                   help="probe: the exploratory PROBE_ARMS (not pre-registered) at --seeds, never in the analysis")
+    p.add_argument("--arms", default=None, help=f"of {', '.join(ARM_OVERRIDES)} (each at its protocol "
+                                                          "seeds; the probe arms with --phase probe)")
     p.add_argument("--seeds", default=",".join(map(str, PROTOCOL["seeds"])))
     p.add_argument("--max-hours", type=float, default=None, help="launch no job after this many hours")
     p.add_argument("--results", default="bench/results/h2h", help="summaries (committed)")
@@ -536,10 +553,11 @@ def parse_args(argv=None):
     p.add_argument("--plan", action="store_true", help="list the jobs, done or not, and the estimated hours left")
     p.add_argument("--analyze-only", action="store_true")
     args = p.parse_args(argv)
-    args.arms = args.arms.split(",")
-    unknown = [a for a in args.arms if a not in ALL_ARMS]
+    known = PROBE_ARMS if args.phase == "probe" else ALL_ARMS
+    args.arms = args.arms.split(",") if args.arms else list(PROBE_ARMS if args.phase == "probe" else ARMS)
+    unknown = [a for a in args.arms if a not in known]
     if unknown:
-        p.error(f"unknown arm(s) {unknown}: choose from {', '.join(ALL_ARMS)}")
+        p.error(f"unknown arm(s) {unknown} for --phase {args.phase}: choose from {', '.join(known)}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.results = os.path.join(ROOT, args.results) if not os.path.isabs(args.results) else args.results
     args.runs = os.path.join(ROOT, args.runs) if not os.path.isabs(args.runs) else args.runs
@@ -548,14 +566,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.results, exist_ok=True)
+    results = os.path.join(args.results, "probes") if args.phase == "probe" else args.results
+    os.makedirs(results, exist_ok=True)
     if args.analyze_only:
         _, text = write_analysis(args.results)
         print(text)
         print(f"[h2h] wrote {args.results}/analysis/analysis.json, analysis.md, head_to_head.png", flush=True)
         return 0
     todo = jobs(PROTOCOL, args.arms, args.seeds, args.phase, args.extend)
-    done = load_summaries(args.results)
+    done = load_summaries(results)
     if args.plan:
         left = 0.0
         for job in todo:
@@ -579,16 +598,19 @@ def main(argv=None):
             print(f"[h2h] --max-hours reached: stopping before {name}; rerun to continue", flush=True)
             break
         chosen = select_lrs(done, PROTOCOL, [arm]) if kind == "main" else {}
-        if kind == "main" and arm not in chosen:
+        if kind == "probe":                             # BPPO's LR, from the sweep's summaries
+            bppo = select_lrs(load_summaries(args.results), PROTOCOL, ["bppo"])
+            chosen = {arm: bppo["bppo"]} if bppo else {}
+        if kind in ("main", "probe") and arm not in chosen:
             print(f"[h2h] {i}/{len(todo)} {name}: the LR sweep for {arm} is not finished; skipped", flush=True)
             continue
         print(f"[h2h] {i}/{len(todo)} {name}: running" + (f" at lr {chosen[arm][0]}" if chosen else ""), flush=True)
         started = time.time()
-        code, status = run_job(job, PROTOCOL, model, args.runs, args.results, chosen)
+        code, status = run_job(job, PROTOCOL, model, args.runs, results, chosen)
         print(f"[h2h] {i}/{len(todo)} {name}: {status} in {time.time() - started:.0f}s", flush=True)
         if code == 75:               # stopped by a signal after saving: the user wants the sweep to stop
             return code
-        done = load_summaries(args.results)
+        done = load_summaries(results)
     _, text = write_analysis(args.results)
     print(text)
     return 0

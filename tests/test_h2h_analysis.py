@@ -86,6 +86,13 @@ def test_jobs_order_and_resume(h2h, tmp_path):
     assert [j[0] for j in h2h.jobs(p, ["bppo_fixed"], [2, 3], "main")] == []                 # not in the protocol
     assert [j[0] for j in h2h.jobs(p, ["bppo_fixed"], [2, 3], "main", extend=True)] == ["bppo_fixed-s2",
                                                                                          "bppo_fixed-s3"]
+    # the exploratory probes run only when asked for, never with the protocol's jobs
+    assert [j[0] for j in h2h.jobs(p, list(h2h.PROBE_ARMS), [0], "probe")] == ["probe-bppo_full-s0",
+                                                                               "probe-random_pair_full-s0"]
+    assert not any(j[1] == "probe" for j in h2h.jobs(p, list(h2h.ARM_OVERRIDES), p["seeds"], "all", extend=True))
+    with pytest.raises(SystemExit):
+        h2h.parse_args(["--phase", "main", "--arms", "bppo_full"])
+    assert h2h.parse_args(["--phase", "probe"]).arms == list(h2h.PROBE_ARMS)
     write_synthetic(h2h, str(tmp_path), seeds=(0,))
     done = h2h.load_summaries(str(tmp_path))
     assert {"base", "grpo-s0", "bppo-s0"} <= set(done)
@@ -114,6 +121,8 @@ def test_commands_are_exact(h2h):
     assert "data.prompts_per_step=4" in cmd and "data.train=arithmetic:one_op_25" in cmd
     lr_cmd = h2h.job_command(h2h.PROTOCOL, "/m", "/r/x", "lr", "grpo", 100, 1e-5)
     assert "train.export_hf=true" not in lr_cmd and "train.steps=10" in lr_cmd and "optim.lr=1e-05" in lr_cmd
+    probe = h2h.job_command(h2h.PROTOCOL, "/m", "/r/p", "probe", "bppo_full", 0, 2e-5)
+    assert "algorithm.prefix=full" in probe and "train.steps=10" in probe and "train.export_hf=true" not in probe
     base = h2h.job_command(h2h.PROTOCOL, "/m", "/r/base", "base", None, 0, None)
     assert "train.steps=0" in base and not any(x.startswith("optim.lr") for x in base)
     # every job's command is a valid config (keys exist, values in range), as the trainer will load it
