@@ -234,7 +234,7 @@ def summarize_run(name, kind, arm, seed, lr, path, protocol, command, final, wal
 
 def run_job(job, protocol, model, runs_dir, results, chosen):
     name, kind, arm, seed, lr = job
-    if kind == "main":
+    if kind in ("main", "probe"):         # the arm's chosen LR (probes: BPPO's)
         lr = chosen[arm][0]
     path = os.path.join(runs_dir, name)
     cmd = job_command(protocol, model, path, kind, arm, seed, lr)
