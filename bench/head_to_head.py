@@ -98,8 +98,8 @@ OPTIONAL_ARMS = {"class_total": ["algorithm.name=bppo", "algorithm.pair_weightin
                  "stop_exclude": ["algorithm.name=bppo", "algorithm.early_stop=exclude"]}
 ALL_ARMS = {**ARMS, **OPTIONAL_ARMS}
 # Exploratory probes, NOT pre-registered: added after seed 0's BPPO and random_pair runs grew their answers to the
-# 256-token cap. The half-prefix cut drops the final answer and EOS of every response longer than the 32-token floor,
-# so these test whether training whole responses removes that. `--phase probe` only: lr_steps steps at BPPO's LR,
+# 256-token cap. The half-prefix cut drops the final answer and EOS of every response longer than the 16-token floor
+# (the config's prefix_min_tokens), so these test whether training whole responses removes that. `--phase probe` only: lr_steps steps at BPPO's LR,
 # checks only, summaries in <results>/probes/, never in the analysis or the criteria.
 PROBE_ARMS = {"bppo_full": ["algorithm.name=bppo", "algorithm.prefix=full"],
               "random_pair_full": ["algorithm.name=bppo", "algorithm.selector=random_pair", "algorithm.prefix=full"]}

@@ -33,11 +33,11 @@ def scheduler(**kw):
                                 "max_prompt_draw_factor": 3.0, **kw})
 
 
-def run(engine, sched, prompts, pool, streaming=True, early_stop="off", seed=11):
+def run(engine, sched, prompts, pool, streaming=True, early_stop="off", seed=11, stop=None):
     drawn = iter(pool or [])
     draw = (lambda n: [p for _, p in zip(range(n), drawn)]) if pool is not None else None
     return collect_groups(engine, sched, prompts, SamplingConfig(), even_length, {}, seed=seed, draw_more=draw,
-                          streaming=streaming, early_stop=early_stop)
+                          streaming=streaming, early_stop=early_stop, stop=stop)
 
 
 def summary(result):
@@ -133,12 +133,14 @@ def test_early_stop_keeps_the_selected_pair_and_accounts_every_token(policy):
 @pytest.mark.parametrize("streaming", [True, False])
 def test_stop_abandons_the_rollout_at_the_next_engine_step(streaming):
     """A stop signal mid-rollout (trainer.StopRequest.requested) ends it after the engine step in progress: no
-    groups, no outcome recorded in the sampling schedule, the stream closed; without a stop, the same rollout runs to
-    the end (so the check itself changes nothing)."""
+    groups, no outcome recorded in the sampling schedule, the stream closed; a check that never says stop changes
+    nothing."""
     engine = ScriptedEngine(hashed_outcome(p_of), max_num_seqs=16)
     prompts, pool = make_prompts(12, 0), [rendered(100 + i, 0.3) for i in range(20)]
-    full = run(engine, scheduler(), prompts, list(pool), streaming)
+    full = run(engine, scheduler(), prompts, pool, streaming)
+    never = run(engine, scheduler(), prompts, pool, streaming, stop=lambda: False)
     assert not full.interrupted and full.engine_steps > 2 and full.groups
+    assert summary(never) == summary(full) and never.engine_steps == full.engine_steps and not never.interrupted
     asked, streams, closed = [], [], []
 
     def stop():
@@ -153,9 +155,7 @@ def test_stop_abandons_the_rollout_at_the_next_engine_step(streaming):
     sched, real_stream = scheduler(), engine.stream
     before = sched.state_dict()
     engine.stream = stream
-    drawn = iter(pool)
-    cut = collect_groups(engine, sched, prompts, SamplingConfig(), even_length, {}, seed=11,
-                         draw_more=lambda n: [p for _, p in zip(range(n), drawn)], streaming=streaming, stop=stop)
+    cut = run(engine, sched, prompts, pool, streaming, stop=stop)
     assert cut.interrupted and cut.groups == [] and cut.engine_steps == 2 == len(asked)
     assert sched.state_dict()["history"] == before["history"]      # no outcome recorded (the trainer saves the
                                                                    # schedule's pre-step snapshot anyway)
