@@ -98,11 +98,13 @@ OPTIONAL_ARMS = {"class_total": ["algorithm.name=bppo", "algorithm.pair_weightin
                  "stop_exclude": ["algorithm.name=bppo", "algorithm.early_stop=exclude"]}
 ALL_ARMS = {**ARMS, **OPTIONAL_ARMS}
 # Exploratory probes, NOT pre-registered: added after seed 0's BPPO and random_pair runs grew their answers to the
-# 256-token cap. The half-prefix cut drops the final answer and EOS of every response longer than the 16-token floor
-# (the config's prefix_min_tokens), so these test whether training whole responses removes that. `--phase probe` only: lr_steps steps at BPPO's LR,
-# checks only, summaries in <results>/probes/, never in the analysis or the criteria.
+# 256-token cap. The half-prefix cut drops the final answer and EOS of every response longer than the 16-token
+# floor (the config's prefix_min_tokens), so these test whether training whole responses removes that.
+# `--phase probe` only: lr_steps steps at BPPO's LR (PROBE_LR_FROM), checks only, summaries in <results>/probes/,
+# never in the analysis or the criteria.
 PROBE_ARMS = {"bppo_full": ["algorithm.name=bppo", "algorithm.prefix=full"],
               "random_pair_full": ["algorithm.name=bppo", "algorithm.selector=random_pair", "algorithm.prefix=full"]}
+PROBE_LR_FROM = {arm: "bppo" for arm in PROBE_ARMS}       # kept out of PROTOCOL: it is pre-registered
 ARM_OVERRIDES = {**ALL_ARMS, **PROBE_ARMS}
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 30: 2.042}
@@ -149,10 +151,10 @@ def lr_score(summary, protocol):
 
 def select_lrs(summaries, protocol, arms):
     """arm -> (lr, scores by lr) when the sweep that decides the arm's LR is done (its own, or lr_from's). Rule: the
-    highest score; a tie (within one check prompt, 1 / check_size) goes to the smaller LR."""
+    highest score; a tie (within one check prompt, 1 / check_size) goes to the smaller LR. Probe arms: BPPO's."""
     chosen = {}
     for arm in arms:
-        a = protocol["lr_from"].get(arm, arm)
+        a = protocol["lr_from"].get(arm) or PROBE_LR_FROM.get(arm, arm)
         scores = {}
         for lr in protocol["lr_grid"]:
             s = summaries.get(f"lr-{a}-{lr_tag(lr)}-s{protocol['lr_seed']}")
@@ -174,8 +176,12 @@ def git_state():
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
+def job_steps(protocol, kind) -> int:
+    return 0 if kind == "base" else protocol["lr_steps"] if kind in ("lr", "probe") else protocol["steps"]
+
+
 def job_command(protocol, model, path, kind, arm, seed, lr):
-    steps = 0 if kind == "base" else protocol["lr_steps"] if kind in ("lr", "probe") else protocol["steps"]
+    steps = job_steps(protocol, kind)
     overrides = [*protocol["task"], "eval.samples=0", f"checkpoint.dir={path}/checkpoints",
                  f"checkpoint.save_interval={protocol['checkpoint_interval']}", "checkpoint.keep_last=1",
                  "checkpoint.allow_fresh_start=true", f"train.export_hf={str(has_final_eval(kind)).lower()}"]
@@ -234,7 +240,7 @@ def summarize_run(name, kind, arm, seed, lr, path, protocol, command, final, wal
 
 def run_job(job, protocol, model, runs_dir, results, chosen):
     name, kind, arm, seed, lr = job
-    if kind in ("main", "probe"):         # the arm's chosen LR (probes: BPPO's)
+    if kind in ("main", "probe"):         # the arm's chosen LR (select_lrs)
         lr = chosen[arm][0]
     path = os.path.join(runs_dir, name)
     cmd = job_command(protocol, model, path, kind, arm, seed, lr)
@@ -526,10 +532,11 @@ def estimate_hours(job, protocol, per_step):
     name, kind, arm, seed, lr = job
     if kind == "base":
         return per_step["eval"] / 3600
-    steps = protocol["lr_steps"] if kind == "lr" else protocol["steps"]
+    steps = job_steps(protocol, kind)
     checks = steps // protocol["check_interval"] + 1
-    final = per_step["final_eval"] if kind == "main" else 0.0
-    return (per_step["startup"] + steps * per_step[arm] + checks * per_step["check"] + final) / 3600
+    final = per_step["final_eval"] if has_final_eval(kind) else 0.0
+    step_s = per_step[arm if arm in per_step else "bppo"]      # a probe arm: BPPO's (a rough plan)
+    return (per_step["startup"] + steps * step_s + checks * per_step["check"] + final) / 3600
 
 
 # seconds, the upper-bound column of docs/benchmarks.md section 6.7 (responses stay at their start length)
@@ -597,11 +604,10 @@ def main(argv=None):
         if deadline is not None and time.time() > deadline:
             print(f"[h2h] --max-hours reached: stopping before {name}; rerun to continue", flush=True)
             break
-        chosen = select_lrs(done, PROTOCOL, [arm]) if kind == "main" else {}
-        if kind == "probe":                             # BPPO's LR, from the sweep's summaries
-            bppo = select_lrs(load_summaries(args.results), PROTOCOL, ["bppo"])
-            chosen = {arm: bppo["bppo"]} if bppo else {}
-        if kind in ("main", "probe") and arm not in chosen:
+        needs_lr = kind in ("main", "probe")
+        sweep = load_summaries(args.results) if kind == "probe" else done     # probes keep theirs in probes/
+        chosen = select_lrs(sweep, PROTOCOL, [arm]) if needs_lr else {}
+        if needs_lr and arm not in chosen:
             print(f"[h2h] {i}/{len(todo)} {name}: the LR sweep for {arm} is not finished; skipped", flush=True)
             continue
         print(f"[h2h] {i}/{len(todo)} {name}: running" + (f" at lr {chosen[arm][0]}" if chosen else ""), flush=True)

@@ -98,6 +98,7 @@ def test_jobs_order_and_resume(h2h, tmp_path):
     assert {"base", "grpo-s0", "bppo-s0"} <= set(done)
     # --plan reports done jobs and runs nothing
     assert h2h.main(["--plan", "--results", str(tmp_path), "--arms", "grpo,bppo", "--seeds", "0"]) == 0
+    assert h2h.main(["--plan", "--phase", "probe", "--results", str(tmp_path), "--seeds", "0"]) == 0
 
 
 def test_lr_selection_rule(h2h, tmp_path):
@@ -107,6 +108,7 @@ def test_lr_selection_rule(h2h, tmp_path):
     assert chosen["grpo"][0] == 2e-5
     assert chosen["bppo"][0] == 2e-5            # 0.405 vs 0.40: within 1/64, the smaller LR wins
     assert chosen["random_pair"][0] == 2e-5     # a one-key change of BPPO: BPPO's LR
+    assert h2h.select_lrs(summaries, h2h.PROTOCOL, ["bppo_full"])["bppo_full"][0] == 2e-5   # a probe: BPPO's LR
     del summaries[f"lr-bppo-{h2h.lr_tag(4e-5)}-s{h2h.PROTOCOL['lr_seed']}"]
     assert set(h2h.select_lrs(summaries, h2h.PROTOCOL, ["grpo", "bppo", "random_pair"])) == {"grpo"}  # wait
 
