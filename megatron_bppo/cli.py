@@ -35,7 +35,7 @@ def main(argv=None) -> int:
             import json
             print(json.dumps(cfg.to_dict(), indent=2, default=str))
             return 0
-        from .distributed import bind_to_launcher
+        from .lifetime import bind_to_launcher
         from .platform.stack import check_stack
         from .trainer import train as run_training
 

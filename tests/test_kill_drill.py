@@ -1,7 +1,7 @@
 """Killed processes: a rank dies with its launcher, what a rank forks dies with the rank, and a run SIGKILLed
 again and again (every process at once, as a node failure) resumes to the same result with nothing left behind.
 
-Fast tests: distributed.bind_to_launcher / die_with_parent on tiny process trees (no torchrun, no vLLM).
+Fast tests: lifetime.bind_to_launcher / die_with_parent on tiny process trees (no torchrun, no vLLM).
 Slow tests (real 2-rank torchrun runs of the tiny model): torchrun alone killed, one rank alone killed, the drill.
 Every process of a launch carries MEGATRON_BPPO_DRILL_MARK=<token> in its environment (inherited by torchrun's
 workers and their helpers), so what survives a kill is found wherever it was reparented to.
@@ -96,34 +96,34 @@ print("RANK_PID", rank.pid, flush=True)
 time.sleep(600)
 """
 
-# The "rank": binds itself as init_distributed does, with torchrun's environment.
+# The "rank": binds itself as init_distributed does (lifetime.bind_to_launcher), with torchrun's environment.
 RANK = r"""
 import json, os, sys, time
-from megatron_bppo import distributed
+from megatron_bppo import lifetime
 env = json.loads(sys.argv[1])
 print("IMPORTED", os.getppid(), flush=True)
 go = sys.argv[2] if len(sys.argv) > 2 else ""
 while go and not os.path.exists(go):
     time.sleep(0.02)
-mechanism = distributed.bind_to_launcher(env)
-print("BOUND", mechanism, distributed.parent_death_signal(), flush=True)
+mechanism = lifetime.bind_to_launcher(env)
+print("BOUND", mechanism, lifetime.parent_death_signal(), flush=True)
 time.sleep(600)
 """
 
 
 # ------------------------------------------------------------------------------------------- fast: the binding
 def test_binding_only_under_a_known_launcher(monkeypatch):
-    from megatron_bppo import distributed
+    from megatron_bppo import lifetime
 
-    monkeypatch.setattr(distributed, "_BOUND", None)
-    assert distributed._launcher_of(TORCHRUN_ENV) == "torchrun"
-    assert distributed._launcher_of({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}) == "srun"
-    assert distributed._launcher_of({"RANK": "0", "WORLD_SIZE": "2"}) is None       # set by something else
-    assert distributed._launcher_of({}) is None                                       # plain python
+    monkeypatch.setattr(lifetime, "_BOUND", None)
+    assert lifetime._launcher_of(TORCHRUN_ENV) == "torchrun"
+    assert lifetime._launcher_of({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}) == "srun"
+    assert lifetime._launcher_of({"RANK": "0", "WORLD_SIZE": "2"}) is None       # set by something else
+    assert lifetime._launcher_of({}) is None                                       # plain python
     # not bound: nothing armed in this (pytest) process
-    assert distributed.bind_to_launcher({}) is None
-    assert distributed.bind_to_launcher({**TORCHRUN_ENV, distributed.EXIT_WITH_LAUNCHER_ENV: "0"}) is None
-    assert distributed._BOUND is None
+    assert lifetime.bind_to_launcher({}) is None
+    assert lifetime.bind_to_launcher({**TORCHRUN_ENV, lifetime.EXIT_WITH_LAUNCHER_ENV: "0"}) is None
+    assert lifetime._BOUND is None
 
 
 @needs_prctl
@@ -169,12 +169,15 @@ def test_rank_whose_launcher_died_before_binding_exits(tmp_path):
 # The "rank" forks helpers three ways, then reports their pids and the death signal each one has.
 FORKS = r"""
 import json, multiprocessing, os, subprocess, sys, threading, time
-from megatron_bppo import distributed
-distributed.bind_to_launcher(json.loads(sys.argv[1]))
+from megatron_bppo import lifetime
+lifetime.bind_to_launcher(json.loads(sys.argv[1]))
 ctx = multiprocessing.get_context("fork")
 
+def say(*parts):      # one write(2) per line: print() writes its parts separately, and three processes share the pipe
+    os.write(1, (" ".join(map(str, parts)) + "\n").encode())
+
 def report(tag):
-    print(tag, os.getpid(), distributed.parent_death_signal(), flush=True)
+    say(tag, os.getpid(), lifetime.parent_death_signal())
     time.sleep(600)
 
 ctx.Process(target=report, args=("FORK_MAIN",)).start()    # from the main thread, as megatron's writers
@@ -182,7 +185,7 @@ thread = threading.Thread(target=lambda: ctx.Process(target=report, args=("FORK_
 thread.start()
 thread.join()
 spawned = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])    # fork+exec, as "spawn"
-print("SPAWNED", spawned.pid, flush=True)
+say("SPAWNED", spawned.pid)
 time.sleep(600)
 """
 
