@@ -422,32 +422,33 @@ def fmt_ci(c, digits=3, signed=False):
 
 
 def tables(result) -> str:
+    grid = result["protocol"]["lr_grid"]
+    num = lambda v, spec: "n/a" if v is None else format(v, spec)
     lines = ["LR sweep (score: mean check accuracy over the sweep run's checks after step 0; chosen: highest, ties "
              "within one check prompt to the smaller LR):", "",
-             "| arm | " + " | ".join(lr_tag(x) for x in result["protocol"]["lr_grid"]) + " | chosen |",
-             "|---|" + "---|" * (len(result["protocol"]["lr_grid"]) + 1)]
+             "| arm | " + " | ".join(lr_tag(x) for x in grid) + " | chosen |", "|---|" + "---|" * (len(grid) + 1)]
     for a, e in result["lr"].items():
         if e["swept_as"] != a:
-            lines.append(f"| {a} | " + " | ".join("" for _ in result["protocol"]["lr_grid"])
+            lines.append(f"| {a} | " + " | ".join("" for _ in grid)
                          + f" | {lr_tag(e['chosen'])} (BPPO's) |")
             continue
-        lines.append(f"| {a} | " + " | ".join(f"{e['scores'].get(lr_tag(x), float('nan')):.3f}"
-                                              for x in result["protocol"]["lr_grid"]) + f" | {lr_tag(e['chosen'])} |")
-    lines += ["", "| run | lr | steps | train s | s/step | rollout s | learner s | samples/step | learner tokens/step | "
-              "checks (step: acc) | final pass@1 | final mean@k | final length | train length (2nd half) |",
+        scores = " | ".join(f"{e['scores'].get(lr_tag(x), float('nan')):.3f}" for x in grid)
+        lines.append(f"| {a} | {scores} | {lr_tag(e['chosen'])} |")
+    lines += ["", "| run | lr | steps | train s | s/step | rollout s | learner s | samples/step | "
+              "learner tokens/step | checks (step: acc) | final pass@1 | final mean@k | final length | "
+              "train length (2nd half) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
         ph = r["phase_seconds"]
         checks = " ".join(f"{st}:{acc:.2f}" for st, _, acc, _ in r["checks"])
-        fa, fm, fl = r["final_accuracy"], r["final_mean_at_k"], r["final_length"]
-        lines.append(f"| {name} | {lr_tag(r['lr'])} | {r['steps']} | {r['train_seconds']:.0f} | {r['step_seconds']:.1f} | "
-                     f"{ph['rollout']:.1f} | {ph['logprob'] + ph['update']:.1f} | {r['samples_per_step']:.0f} | "
-                     f"{r['learner_tokens_per_step']:.0f} | {checks} | "
-                     f"{'n/a' if fa is None else f'{fa:.3f}'} | {'n/a' if fm is None else f'{fm:.3f}'} | "
-                     f"{'n/a' if fl is None else f'{fl:.1f}'} | {r['train_length_last_half']:.1f} |")
-    tgt = result.get("target")
-    lines += ["", f"Paired by seed against GRPO (mean [95 % interval]); target = {result['protocol']['target_fraction']}"
-              f" x GRPO's mean final check accuracy = {'n/a' if tgt is None else f'{tgt:.3f}'}:", "",
+        lines.append(f"| {name} | {lr_tag(r['lr'])} | {r['steps']} | {r['train_seconds']:.0f} | "
+                     f"{r['step_seconds']:.1f} | {ph['rollout']:.1f} | {ph['logprob'] + ph['update']:.1f} | "
+                     f"{r['samples_per_step']:.0f} | {r['learner_tokens_per_step']:.0f} | {checks} | "
+                     f"{num(r['final_accuracy'], '.3f')} | {num(r['final_mean_at_k'], '.3f')} | "
+                     f"{num(r['final_length'], '.1f')} | {r['train_length_last_half']:.1f} |")
+    lines += ["", f"Paired by seed against GRPO (mean [95 % interval]); target = "
+              f"{result['protocol']['target_fraction']} x GRPO's mean final check accuracy = "
+              f"{num(result.get('target'), '.3f')}:", "",
               "| arm | seeds | final pass@1 | diff vs GRPO (t over seeds) | diff (bootstrap over problems) | "
               "mean@k diff | length ratio | step-time speed-up | speed-up to target [reached] | "
               "rollout time ratio | rollout token ratio |",
@@ -468,7 +469,7 @@ def tables(result) -> str:
     for a, c in result["criteria"].items():
         lines.append(f"| {a} | {yn(c['accuracy_non_inferior'])} | {yn(c['accuracy_within_margin'])} | "
                      f"{yn(c['length_at_most_0.7x'])} | {yn(c['length_point_at_most_0.7x'])} | "
-                     f"{yn(c['faster_to_target'])} | {'n/a' if c['speedup'] is None else format(c['speedup'], '.2f')} |")
+                     f"{yn(c['faster_to_target'])} | {num(c['speedup'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

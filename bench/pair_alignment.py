@@ -89,7 +89,8 @@ def table(runs: list) -> str:
         for rows in runs:
             x = rows[i]
             cells.append(f" {x['cos_all']:.3f} | {x['cos_subsets_mean']:.2f} [{x['cos_subsets_min']:.2f}.."
-                         f"{x['cos_subsets_max']:.2f}] | {x['norm_ratio_trained']:.2f}, {x['norm_ratio_rollout']:.2f} |")
+                         f"{x['cos_subsets_max']:.2f}] | {x['norm_ratio_trained']:.2f}, "
+                         f"{x['norm_ratio_rollout']:.2f} |")
         lines.append("|" + "".join(cells))
     return "\n".join(lines)
 

@@ -122,7 +122,8 @@ def measure(args, overrides):
         for arm in order:
             if ARMS[arm][-1].startswith("algorithm.early_stop") and "bppo" in kept:
                 record[arm].update(stop_effects(kept["bppo"], kept[arm]))
-                print(f"step {step} {arm:20s} vs bppo: {json.dumps({k: v for k, v in record[arm].items() if k not in FIELDS})}")
+                effects = {k: v for k, v in record[arm].items() if k not in FIELDS}
+                print(f"step {step} {arm:20s} vs bppo: {json.dumps(effects)}")
         if step < len(steps):
             continue            # already measured (resume): the engine and schedules still had to see the step
         steps.append(record)

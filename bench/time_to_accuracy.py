@@ -236,8 +236,9 @@ def fmt(s, digits=2):
 def tables(result):
     t = result["targets"]
     reach = lambda hit: "not reached" if hit is None else f"{hit['step']} ({hit['seconds']:.0f})"
-    lines = ["| run | data seed | steps | train s | s/step | rollout s | learner s | samples/step | learner tokens/step | "
-             "acc before -> after | mean@2 after | eval length before -> after | train length (2nd half) | "
+    lines = ["| run | data seed | steps | train s | s/step | rollout s | learner s | samples/step | "
+             "learner tokens/step | acc before -> after | mean@2 after | eval length before -> after | "
+             "train length (2nd half) | "
              + " | ".join(f"to {k}: step (s)" for k in t) + " |", "|" + "---|" * (13 + len(t))]
     for name, r in sorted(result["runs"].items()):
         lines.append(
@@ -251,8 +252,8 @@ def tables(result):
     targets = " | ".join(f"speed-up to {v:.3f} ({k}) [reached]" for k, v in t.items())
     lines += ["", "Ratios are GRPO / variant for times (> 1: the variant is faster) and variant / GRPO for lengths and "
               "tokens, paired by seed: mean (min..max over seeds).", "",
-              f"| variant | seeds | step-time ratio | learner-time ratio | rollout-time ratio | {targets} | final acc | "
-              "mean acc (evals after step 0) | final mean@2 | eval length ratio | train length ratio | "
+              f"| variant | seeds | step-time ratio | learner-time ratio | rollout-time ratio | {targets} | "
+              "final acc | mean acc (evals after step 0) | final mean@2 | eval length ratio | train length ratio | "
               "learner tokens ratio |", "|" + "---|" * (11 + len(t))]
     for variant, e in result["vs_grpo"].items():
         speed = " | ".join(f"{fmt(e[f'speedup_to_{k}'])} [{e[f'reached_{k}']}]" for k in t)

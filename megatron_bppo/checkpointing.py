@@ -338,7 +338,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     is refused instead of running code."""
 
     def find_class(self, module, name):
-        torch_names = {"Size", "strided", "sparse_coo"} | {n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)}
+        torch_names = {"Size", "strided", "sparse_coo"} | {n for n in dir(torch)
+                                                            if isinstance(getattr(torch, n, None), torch.dtype)}
         if module.startswith("torch.distributed.checkpoint.") or (module == "torch" and name in torch_names) \
                 or (module, name) in {("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}:
             return super().find_class(module, name)

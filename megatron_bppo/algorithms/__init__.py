@@ -21,6 +21,7 @@ __all__ = [
     "AGGREGATIONS", "KL_ESTIMATORS", "ROLLOUT_IS_MODES", "aggregate", "kl_penalty", "policy_loss",
     "PREFIX_MODES", "PrefixRule",
     "SCHEDULER_COUNTERS", "SCHEDULER_HISTORY_WINDOW", "AdaptiveScheduler", "StepSchedule",
-    "EARLY_STOP_POLICIES", "PAIR_WEIGHTINGS", "SELECTORS", "unselectable_running", "SelectionResult", "get_selector", "register_selector", "select_all",
-    "select_binary", "select_max_variance", "select_random_pair", "selector_options", "weight_selected_advantages",
+    "EARLY_STOP_POLICIES", "PAIR_WEIGHTINGS", "SELECTORS", "unselectable_running", "SelectionResult", "get_selector",
+    "register_selector", "select_all", "select_binary", "select_max_variance", "select_random_pair",
+    "selector_options", "weight_selected_advantages",
 ]
