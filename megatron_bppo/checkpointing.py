@@ -104,10 +104,6 @@ def incomplete_reason(path: str) -> Optional[str]:
     return None
 
 
-def is_complete(path: str) -> bool:
-    return incomplete_reason(path) is None
-
-
 def scan_checkpoints(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     """(complete `iter_*` names, oldest first; [(name, why it is incomplete)]) under root. The `latest` pointer
     is listed as incomplete when it names a checkpoint that is missing or incomplete."""

@@ -101,6 +101,7 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
     from .distributed import print_rank0, process_group_timeout_s
     from .learner import build_learner
     from .model.bridge import read_hf_config
+    from .platform import current_platform
     from .rewards import get_reward, validate_reward_kwargs
     from .rollout import open_engine
 
@@ -134,6 +135,8 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
                 f"{len(eval_prompts)} held-out prompts, world {launch.world_size} (TP{cfg.parallel.tp} "
                 f"PP{cfg.parallel.pp}), rollout TP{cfg.rollout.tp}; learner built in "
                 f"{timer.times['setup/learner']:.1f}s")
+    print_rank0("[train] library workarounds applied (platform/cpu_compat.py): "
+                + (", ".join(current_platform().applied_workarounds) or "none"))
     with timer("setup/engine"):
         engine = open_engine(cfg.rollout, cfg.model.path, dtype=cfg.model.dtype,
                              trust_remote_code=cfg.model.trust_remote_code, hf_config=hf_config)

@@ -195,7 +195,7 @@ def test_renderer_chat_template_and_length_check(tokenizer):
     assert r.text == "<|im_start|>user\nWhat is 3 + 4?\nAnswer after ####.<|im_end|>\n<|im_start|>assistant\n"
     expected = tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 + 4?\nAnswer after ####."}],
                                              tokenize=True, add_generation_prompt=True)["input_ids"]
-    assert r.token_ids == list(expected) and r.num_tokens == len(expected)
+    assert r.token_ids == list(expected)
 
     long_ex = PromptExample("long", "1", prompt="What is " + " + ".join(["1"] * 40) + "?")
     strict = PromptRenderer(tokenizer, ChatFormat(max_prompt_tokens=30))

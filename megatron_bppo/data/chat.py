@@ -82,10 +82,6 @@ class RenderedPrompt:
     text: str
     token_ids: list[int]
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
 
 def _wrap(content: str, fmt: ChatFormat) -> str:
     parts = [p for p in (fmt.instruction_prefix, content, fmt.instruction_suffix) if p]

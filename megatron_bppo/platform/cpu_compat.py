@@ -30,7 +30,6 @@ from typing import Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-MEGATRON_CORE_CHECKED = "0.16.1"
 _CPU = torch.device("cpu")
 
 

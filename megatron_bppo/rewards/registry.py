@@ -93,7 +93,7 @@ def get_reward(name: str) -> RewardFn:
         if not callable(fn):
             raise UnknownRewardError(f"reward {name!r}: module {module_name!r} has no callable {attr!r}")
         return fn
-    names = sorted(_REGISTRY)
+    names = list_rewards()
     close = difflib.get_close_matches(str(name), names, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise UnknownRewardError(
