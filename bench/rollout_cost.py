@@ -92,7 +92,7 @@ def measure(args, overrides):
     rows = render_prompts(base, tok, open_dataset(base.data.train, split="train", seed=base.data.seed,
                                                   size=args.steps * (per_step + pool)))
     engine = VLLMEngine(model, base.rollout, dtype=base.model.dtype)
-    schedules = {a: sampling_schedule(configs[a].algorithm) for a in args.arms}
+    schedules = {a: sampling_schedule(configs[a].algorithm, configs[a].sampling.seed) for a in args.arms}
     reward_fn = get_reward(base.reward.name)
     results = load(args.out)
     if results.get("protocol") not in (None, protocol(args, overrides)):

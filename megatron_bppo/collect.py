@@ -26,13 +26,15 @@ from .rollout.engine import BatchStream, SampleRequest
 from .seeds import completion_seed
 
 
-def sampling_schedule(algo) -> AdaptiveScheduler:
-    """config.AlgorithmConfig -> how many completions each prompt gets (adaptive for BPPO, fixed G for GRPO)."""
+def sampling_schedule(algo, seed: int) -> AdaptiveScheduler:
+    """config.AlgorithmConfig -> how many completions each prompt gets (adaptive for BPPO, fixed G for GRPO).
+    `seed` (sampling.seed) seeds the retry draws of skipped prompts (algorithm.retry_prob)."""
     if not algo.is_adaptive():
         return AdaptiveScheduler.fixed(algo.group_size)
     return AdaptiveScheduler(n_init=algo.n_init, g_max=algo.group_size, n_step=algo.n_step,
-                             skip_after=algo.skip_after, skip_cooldown=algo.skip_cooldown,
-                             target_pairs=algo.target_pairs, max_prompt_draw_factor=algo.max_prompt_draw_factor)
+                             skip_after=algo.skip_after, skip_cooldown=algo.skip_cooldown, retry_prob=algo.retry_prob,
+                             target_pairs=algo.target_pairs, max_prompt_draw_factor=algo.max_prompt_draw_factor,
+                             min_mixed_rate=algo.min_mixed_rate, seed=seed)
 
 
 def score_once(reward_fn, pairs: list[tuple[str, str]], reward_kwargs: dict) -> list[tuple[float, bool]]:

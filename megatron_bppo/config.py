@@ -159,9 +159,11 @@ class AlgorithmConfig:
     n_init: int = 4                      # adaptive: first-round completions per prompt
     n_step: int = 4                      # adaptive: completions added per extra round to single-class groups
     skip_after: int = 2                  # adaptive: skip prompts uniform this many recorded times in a row
-    skip_cooldown: int = 4
+    skip_cooldown: int = 4               # adaptive: a skipped prompt is offered again after this many skips
+    retry_prob: float = 0.0              # adaptive: ... or earlier, with this probability per skipped offer
     target_pairs: Optional[int] = None   # adaptive: draw more prompts until this many groups are mixed
     max_prompt_draw_factor: float = 2.0
+    min_mixed_rate: float = 0.1          # adaptive: floor of the mixed-group rate that sizes a draw of more prompts
     early_stop: str = "off"              # off | as_incorrect | exclude: stop running completions binary selection
                                          # can no longer pick (docs/algorithm.md section 11; streaming rollouts)
     clip_low: float = 0.2
@@ -242,12 +244,18 @@ class AlgorithmConfig:
         if self.skip_cooldown < 1:
             raise ConfigError(f"algorithm.skip_cooldown={self.skip_cooldown}: must be >= 1 (skipped offers before "
                               "a skipped prompt is tried again; to stop skipping set algorithm.skip_after=0)")
+        if not 0 <= self.retry_prob <= 1:
+            raise ConfigError(f"algorithm.retry_prob={self.retry_prob}: must be in [0, 1] (the chance that a "
+                              "skipped prompt is tried again before algorithm.skip_cooldown skips)")
         if self.target_pairs is not None and self.target_pairs < 1:
             raise ConfigError(f"algorithm.target_pairs={self.target_pairs}: must be >= 1 (or null to draw no "
                               "extra prompts)")
         if not self.max_prompt_draw_factor >= 1:
             raise ConfigError(f"algorithm.max_prompt_draw_factor={self.max_prompt_draw_factor}: must be >= 1 "
                               "(the most prompts a step may draw, as a multiple of data.prompts_per_step)")
+        if not 0 < self.min_mixed_rate <= 1:
+            raise ConfigError(f"algorithm.min_mixed_rate={self.min_mixed_rate}: must be in (0, 1] (the lowest "
+                              "mixed-group rate assumed when sizing a draw of more prompts)")
 
     def _validate_prefix(self):
         """The prefix fields, key by key (algorithms.PrefixRule checks the same invariants on its own inputs)."""

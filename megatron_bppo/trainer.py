@@ -141,7 +141,7 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
         engine = open_engine(cfg.rollout, cfg.model.path, dtype=cfg.model.dtype,
                              trust_remote_code=cfg.model.trust_remote_code, hf_config=hf_config)
     run = Run(cfg, launch.rank, bridge, learner, ref, engine, train_prompts, eval_prompts,
-              sampler, sampling_schedule(cfg.algorithm),
+              sampler, sampling_schedule(cfg.algorithm, cfg.sampling.seed),
               prefix_rule(cfg.algorithm), reward_fn, stop or StopRequest())
     resumed = resume(run, resume_path)
     run.metrics = MetricsLogger(cfg.run_dir, use_tensorboard=cfg.train.tensorboard,

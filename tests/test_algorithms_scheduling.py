@@ -84,6 +84,29 @@ def test_retry_probability_is_deterministic_by_seed():
     assert all(never.plan_first_round([0]) == {} for _ in range(20))
 
 
+def test_the_trainer_schedule_takes_retry_and_draw_settings_from_the_config():
+    """collect.sampling_schedule: algorithm.retry_prob (drawn with sampling.seed), algorithm.min_mixed_rate."""
+    from megatron_bppo.collect import sampling_schedule
+    from megatron_bppo.config import load_config
+
+    def schedule(*overrides, seed=0):
+        cfg = load_config(None, ["algorithm.skip_after=1", "algorithm.skip_cooldown=100", "algorithm.target_pairs=4",
+                                 "data.prompts_per_step=4", "data.train_size=64", *overrides])
+        s = sampling_schedule(cfg.algorithm, seed)
+        for p in range(200):
+            s.record(p, 0, 4)
+        return s
+
+    assert schedule().plan_first_round(range(200)) == {}                     # default retry_prob 0: all skipped
+    assert len(schedule("algorithm.retry_prob=1").plan_first_round(range(200))) == 200
+    half = [sorted(schedule("algorithm.retry_prob=0.5", seed=seed).plan_first_round(range(200))) for seed in (3, 3, 4)]
+    assert half[0] == half[1] != half[2] and 60 < len(half[0]) < 140
+    # no mixed group yet: rate = min_mixed_rate -> ceil(4 / rate), within the 2 x 4 budget less the 4 drawn
+    assert schedule().prompts_needed(0, 4, 4) == 4                           # 40 wanted, the budget caps it
+    assert schedule("algorithm.min_mixed_rate=1", "algorithm.max_prompt_draw_factor=4").prompts_needed(0, 4, 4) == 4
+    assert schedule("algorithm.min_mixed_rate=0.5", "algorithm.max_prompt_draw_factor=4").prompts_needed(0, 4, 4) == 8
+
+
 def test_prompts_needed():
     s = AdaptiveScheduler(target_pairs=16, max_prompt_draw_factor=2.0, min_mixed_rate=0.1)
     assert s.prompts_needed(16, 32, 32) == 0

@@ -77,6 +77,8 @@ def test_bad_config_names_key_and_fix(overrides, message):
     (["algorithm.skip_cooldown=0"], "algorithm.skip_cooldown=0: must be >= 1"),
     (["algorithm.target_pairs=0"], "algorithm.target_pairs=0: must be >= 1"),
     (["algorithm.max_prompt_draw_factor=0.5"], "algorithm.max_prompt_draw_factor=0.5: must be >= 1"),
+    (["algorithm.retry_prob=1.5"], "algorithm.retry_prob=1.5: must be in [0, 1]"),
+    (["algorithm.min_mixed_rate=0"], "algorithm.min_mixed_rate=0.0: must be in (0, 1]"),
     (["rollout.seed=-1"], "rollout.seed=-1: must be in [0, 2**32 - 1]"),
     (["rollout.seed=4294967296"], "rollout.seed=4294967296: must be in [0, 2**32 - 1]"),
     (["data.train="], "data.train is empty"),
@@ -101,6 +103,7 @@ def test_out_of_range_values_name_key_value_and_range(overrides, message):
     ["algorithm.rollout_is=truncated", "algorithm.rollout_is_cap=1"],
     ["algorithm.aggregation=token-sum-norm", "algorithm.norm_constant=256"],
     ["algorithm.skip_after=0"], ["algorithm.skip_after=4", "algorithm.skip_cooldown=1"],
+    ["algorithm.retry_prob=0", "algorithm.min_mixed_rate=1"], ["algorithm.retry_prob=1"],
     ["optim.adam_beta1=0", "optim.adam_beta2=0", "optim.weight_decay=0", "optim.clip_grad=0"],
     ["optim.decay_style=linear", "optim.warmup_steps=10", "optim.decay_steps=11"],
     ["optim.decay_steps=5"],                                   # constant LR: decay_steps unused but in range
