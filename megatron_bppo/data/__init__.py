@@ -2,7 +2,7 @@
 
     train, held_out = prompts_from_config(cfg, tokenizer)  # what the trainer, bench/ and tools/ use (prompts.py)
     ds = open_dataset("data/gsm8k/train.jsonl")            # or "arithmetic:l0" (generated); ds.report.summary()
-    sampler = PromptSampler(ds, seed=0)                    # sampler.next_batch(16); state_dict() for checkpoints
+    sampler = PromptSampler(len(ds), seed=0)               # sampler.next_indices(16); state_dict() for checkpoints
     prompts = PromptRenderer(tokenizer, ChatFormat(instruction_prefix=DIRECT_INSTRUCTION)).render_all(ds)
 """
 from megatron_bppo.data.datasets import (SCHEMAS, DatasetError, LoadReport, PromptDataset, PromptExample,

@@ -25,7 +25,6 @@ saved with ``state_dict()`` and restored with ``load_state_dict()`` so a resumed
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -119,16 +118,6 @@ class PromptDataset(Sequence):
 
     def __getitem__(self, i):
         return self.examples[i]
-
-    def fingerprint(self) -> str:
-        """A short hash of the example ids and references (to notice a changed dataset on resume)."""
-        h = hashlib.sha256()
-        for ex in self.examples:
-            h.update(ex.id.encode())
-            h.update(b"\0")
-            h.update(ex.reference.encode())
-            h.update(b"\1")
-        return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,15 +428,14 @@ class PromptSampler:
     Epoch ``e`` visits a permutation fixed by ``(seed, e)`` (identity when ``shuffle=False``); a batch that runs
     past the end of an epoch continues in the next. ``state_dict()`` = {epoch, index, seed, shuffle,
     num_examples, fingerprint}; ``load_state_dict`` refuses a state from a dataset of another size (or, with
-    ``strict``, another fingerprint). The fingerprint is ``fingerprint`` when given (a sampler built from a size,
-    e.g. ``data.prompts.prompts_fingerprint(rendered)``), else the dataset's own ``fingerprint()`` if it has one.
+    ``strict``, another fingerprint). ``fingerprint``: what the indices mean, e.g.
+    ``data.prompts.prompts_fingerprint(rendered)``; None checks the size only.
     """
 
-    def __init__(self, dataset: Sequence | int, *, seed: int = 0, shuffle: bool = True,
+    def __init__(self, num_examples: int, *, seed: int = 0, shuffle: bool = True,
                  fingerprint: Optional[str] = None):
-        self.content_fingerprint = fingerprint
-        self.dataset = None if isinstance(dataset, int) else dataset
-        self.num_examples = dataset if isinstance(dataset, int) else len(dataset)
+        self.fingerprint = fingerprint
+        self.num_examples = int(num_examples)
         if self.num_examples <= 0:
             raise DatasetError("cannot sample prompts from an empty dataset")
         self.seed, self.shuffle = int(seed), bool(shuffle)
@@ -483,31 +471,16 @@ class PromptSampler:
                 taken.add(index)
         return out
 
-    def next_batch(self, n: int) -> list:
-        if self.dataset is None:
-            raise TypeError("PromptSampler was built from a size; use next_indices()")
-        return [self.dataset[i] for i in self.next_indices(n)]
-
-    @property
-    def progress(self) -> float:
-        """Epochs done, fractional."""
-        return self.epoch + self.index / self.num_examples
-
-    def _fingerprint(self) -> Optional[str]:
-        if self.content_fingerprint is not None:
-            return self.content_fingerprint
-        return self.dataset.fingerprint() if hasattr(self.dataset, "fingerprint") else None
-
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "shuffle": self.shuffle,
-                "num_examples": self.num_examples, "fingerprint": self._fingerprint()}
+                "num_examples": self.num_examples, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         if int(state["num_examples"]) != self.num_examples:
             raise DatasetError(f"cannot resume the prompt position: the checkpoint was taken on a dataset of "
                                f"{state['num_examples']} prompts, this one has {self.num_examples}. Use the same "
                                f"data files to resume, or start a new run directory.")
-        fp = self._fingerprint()
+        fp = self.fingerprint
         if strict and fp and state.get("fingerprint") and state["fingerprint"] != fp:
             raise DatasetError("cannot resume the prompt position: the dataset's content changed since the "
                                "checkpoint (same size, other ids/answers). Use the same data or strict=False.")
