@@ -48,6 +48,30 @@ META = "megatron_bppo.json"
 # tensors that load at any layout. Checkpoints written before the key existed are fully_reshardable.
 OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 LEGACY_OPTIMIZER_FORMAT = "fully_reshardable"
+# megatron-core 0.19.0 moved a checkpoint's common (non-sharded) state from common.pt into the torch_dist files as
+# the object "common_state" (0.19.2 dist_checkpointing/serialization.py:200-237, which still reads a common.pt);
+# 0.16.1-0.18 read only common.pt (0.16.1 strategies/common.py:83-98: "Common file ... does not exist").
+COMMON_STATE_INSIDE_SINCE = (0, 19)
+
+
+def megatron_core_version() -> str:
+    from importlib.metadata import version
+
+    return version("megatron-core")
+
+
+def check_readable(path: str, meta: dict) -> None:
+    """Refuse, with the reason, a checkpoint that the installed megatron-core cannot read: one written by megatron-core
+    >= 0.19 (the GPU stack, constraints-gpu.txt) loaded with an older one (the CPU stack's 0.16.1)."""
+    installed = megatron_core_version()
+    if os.path.isfile(os.path.join(path, "common.pt")) or \
+            tuple(int(x) for x in installed.split(".")[:2]) >= COMMON_STATE_INSIDE_SINCE:
+        return
+    writer = meta.get("megatron_core", ">= 0.19 (not recorded)")
+    raise ConfigError(f"{path} was written by megatron-core {writer}, which keeps the checkpoint's common state inside "
+                     f"its torch_dist files (there is no common.pt); the installed megatron-core {installed} reads "
+                     "only common.pt. Load it where megatron-core >= 0.19 is installed (the GPU stack, "
+                     "constraints-gpu.txt), e.g. export it there: tools/convert_checkpoint.py mcore-to-hf")
 
 
 def _optim_metadata(optimizer_format: str) -> dict:
@@ -223,17 +247,45 @@ def check_resume_data(path: str, saved: Optional[dict], current: dict, allow_cha
             "train data is not checked on this resume", path)
 
 
-def resume_checkpoint(ckpt_cfg, sampler_state: dict, log: bool = True) -> Optional[str]:
+def resume_checkpoint(ckpt_cfg, sampler_state: dict, optim, log: bool = True) -> Optional[str]:
     """What a run with checkpoint config `ckpt_cfg` (config.CheckpointConfig) resumes from, checked: None (fresh
-    start) or a complete checkpoint whose train data matches `sampler_state`. Cheap and read-only; every rank
-    calls it before any process group exists, so a refusal (ConfigError) ends every rank the same way."""
+    start) or a complete checkpoint whose train data matches `sampler_state` and whose LR schedule is `optim`'s
+    (config.OptimConfig), in a format the installed megatron-core reads. Cheap and read-only; every rank calls it before any process group exists, so a refusal
+    (ConfigError) ends every rank the same way."""
     if not ckpt_cfg.dir or not ckpt_cfg.resume:
         return None
     path = find_resume_checkpoint(ckpt_cfg.dir, ckpt_cfg.allow_fresh_start, log=log)
     if path is not None:
-        saved = read_trainer_state(path).get("extra", {}).get("sampler")
-        check_resume_data(path, saved, sampler_state, ckpt_cfg.allow_data_change, log=log)
+        state = read_trainer_state(path)
+        check_resume_data(path, state.get("extra", {}).get("sampler"), sampler_state, ckpt_cfg.allow_data_change,
+                          log=log)
+        check_resume_schedule(path, state.get("scheduler"), optim)
+        check_readable(path, read_meta(path))
     return path
+
+
+# OptimizerParamScheduler state key -> the config key behind it (config.OptimConfig.lr_schedule)
+_SCHEDULE_KEYS = {"max_lr": "optim.lr", "min_lr": "optim.min_lr", "lr_warmup_steps": "optim.warmup_steps",
+                  "lr_decay_steps": "optim.decay_steps (with optim.warmup_steps)",
+                  "lr_decay_style": "optim.decay_style", "start_wd": "optim.weight_decay"}
+
+
+def check_resume_schedule(path: str, saved: Optional[dict], optim) -> None:
+    """Refuse (ConfigError) to resume a checkpoint whose LR / weight-decay schedule differs from this run's.
+    megatron-core refuses it anyway, but late and unclearly: 0.16.1 after the weights have loaded, with an
+    AssertionError from OptimizerParamScheduler.load_state_dict (optimizer_param_scheduler.py:326-330); 0.19.2
+    with a bare KeyError, because the optimizer's param groups now carry max_lr / min_lr / start_wd / end_wd and
+    are matched on them (optimizer/optimizer.py:139-148, distrib_optimizer.py:970)."""
+    if not saved:
+        return
+    want = optim.lr_schedule()
+    changed = [f"{key}: {saved[k]} in the checkpoint, {want[k]} in this run" for k, key in _SCHEDULE_KEYS.items()
+               if k in saved and saved[k] != want[k]]
+    if changed:
+        raise ConfigError(
+            f"cannot resume {path}: its LR schedule differs from this run's ({'; '.join(changed)}). megatron-core "
+            "cannot change the schedule of a resumed optimizer: set these back to resume, or export the checkpoint "
+            "(tools/convert_checkpoint.py mcore-to-hf) and start a new run in another checkpoint.dir from it.")
 
 
 def rotate_checkpoints(root: str, keep_last: int, keep: str = "") -> list[str]:
@@ -311,7 +363,8 @@ def save_checkpoint(root: str, step: int, models, optimizer=None, scheduler=None
             copy_hf_side_files(hf_source_dir, os.path.join(tmp, "hf"))
             shutil.copy2(os.path.join(hf_source_dir, "config.json"), os.path.join(tmp, "hf", "config.json"))
         meta = {"step": step, "has_optimizer": optimizer is not None, "optimizer_format": optimizer_format,
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1, "layout": layout}
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1, "layout": layout,
+                "megatron_core": megatron_core_version()}
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=2)
         if os.path.isdir(final):
@@ -362,6 +415,7 @@ def load_checkpoint(path: str, models, optimizer=None, scheduler=None, load_rng:
 
     meta = read_meta(path)
     verify_checkpoint_safe(path)
+    check_readable(path, meta)
     state = _model_state(models)
     if optimizer is not None:
         if not meta.get("has_optimizer"):

@@ -67,6 +67,15 @@ class OptimConfig:
     decay_style: str = "constant"        # constant | linear | cosine
     use_distributed_optimizer: bool = True
 
+    def lr_schedule(self) -> dict:
+        """megatron-core OptimizerParamScheduler's arguments (learner.Learner builds it from them; a resume must
+        find the same in the checkpoint: checkpointing.check_resume_schedule)."""
+        decay_steps = self.decay_steps or max(self.warmup_steps, 1)
+        return {"init_lr": 0.0 if self.warmup_steps else self.lr, "max_lr": self.lr, "min_lr": self.min_lr,
+                "lr_warmup_steps": self.warmup_steps, "lr_decay_steps": max(decay_steps, self.warmup_steps + 1),
+                "lr_decay_style": self.decay_style, "start_wd": self.weight_decay, "end_wd": self.weight_decay,
+                "wd_incr_steps": 1, "wd_incr_style": "constant"}
+
     def validate(self):
         if not self.lr > 0:
             raise ConfigError(f"optim.lr={self.lr}: must be > 0")

@@ -174,13 +174,7 @@ class Learner:
             adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
             clip_grad=optim.clip_grad, bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
             use_distributed_optimizer=optim.use_distributed_optimizer), self.models)
-        decay_steps = optim.decay_steps or max(optim.warmup_steps, 1)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr,
-            min_lr=optim.min_lr, lr_warmup_steps=optim.warmup_steps,
-            lr_decay_steps=max(decay_steps, optim.warmup_steps + 1), lr_decay_style=optim.decay_style,
-            start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=1,
-            wd_incr_style="constant")
+        self.scheduler = OptimizerParamScheduler(self.optimizer, **optim.lr_schedule())
 
     # ---------------------------------------------------------------- batching
     def _micro_batches(self, sequences, fields) -> list[MicroBatch]:

@@ -121,7 +121,7 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
         # Every rank, before any process group exists, read-only: a refusal ends all ranks alike. Then rank 0
         # writes the lock (the other ranks wait until it names this launch; no other run writes here after it).
         check_checkpoint_lock(cfg.checkpoint.dir, break_lock=cfg.checkpoint.break_lock)
-        resume_path = resume_checkpoint(cfg.checkpoint, sampler.state_dict())
+        resume_path = resume_checkpoint(cfg.checkpoint, sampler.state_dict(), cfg.optim)
         take_checkpoint_lock(cfg.checkpoint.dir, break_lock=cfg.checkpoint.break_lock,
                              wait_s=process_group_timeout_s(cfg.parallel))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -21,19 +21,20 @@ import torch
 from conftest import ROOT, free_port, torchrun_command
 from megatron_bppo.checkpointing import META, latest_checkpoint, resume_checkpoint, rotate_checkpoints
 from megatron_bppo.run_lock import LOCK, check_checkpoint_lock, take_checkpoint_lock
-from megatron_bppo.config import CheckpointConfig, ConfigError
+from megatron_bppo.config import CheckpointConfig, ConfigError, OptimConfig
 from megatron_bppo.data import PromptSampler, prompts_fingerprint
 
 TOOL = "tools/convert_checkpoint.py"
 
 
-def fake_checkpoint(root, step, sampler_state=None, complete=True):
+def fake_checkpoint(root, step, sampler_state=None, complete=True, scheduler=None):
     """A checkpoint directory with the files resume looks at (no tensors); without META when not complete."""
     path = os.path.join(root, f"iter_{step:07d}")
     os.makedirs(path)
-    with open(os.path.join(path, ".metadata"), "wb") as f:
-        f.write(b"not read by these tests")
-    torch.save({"step": step, "scheduler": None, "extra": {"sampler": sampler_state} if sampler_state else {}},
+    for name in (".metadata", "common.pt"):                 # common.pt: megatron-core < 0.19 writes one
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(b"not read by these tests")
+    torch.save({"step": step, "scheduler": scheduler, "extra": {"sampler": sampler_state} if sampler_state else {}},
                os.path.join(path, "trainer_state.pt"))
     if complete:
         with open(os.path.join(path, META), "w") as f:
@@ -46,9 +47,9 @@ def point_latest(root, step):
         f.write(f"iter_{step:07d}")
 
 
-def resumes_from(ckpt_dir, sampler, **ckpt):
+def resumes_from(ckpt_dir, sampler, optim=OptimConfig(), **ckpt):
     """What trainer.setup decides before it builds anything: the checkpoint to load, or None (a fresh start)."""
-    return resume_checkpoint(CheckpointConfig(dir=str(ckpt_dir), **ckpt), sampler.state_dict())
+    return resume_checkpoint(CheckpointConfig(dir=str(ckpt_dir), **ckpt), sampler.state_dict(), optim)
 
 
 def prompts(refs, tokens=None):
@@ -88,7 +89,7 @@ def test_a_truncated_marker_is_never_taken_as_latest(tmp_path):
     point_latest(root, 3)
     assert latest_checkpoint(root) == os.path.join(root, "iter_0000002")
     sampler = PromptSampler(4)
-    assert resume_checkpoint(CheckpointConfig(dir=root), sampler.state_dict()) == os.path.join(root, "iter_0000002")
+    assert resumes_from(root, sampler) == os.path.join(root, "iter_0000002")
 
 
 def test_rotation_counts_and_removes_only_complete_checkpoints(tmp_path, caplog):
@@ -127,12 +128,11 @@ def test_resume_refuses_changed_train_prompts_of_the_same_size(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint.allow_data_change=true") as e:
         resumes_from(root, changed)
     assert "iter_0000005" in str(e.value)
-    ok = CheckpointConfig(dir=root, allow_data_change=True)
-    assert resume_checkpoint(ok, changed.state_dict()) == os.path.join(root, "iter_0000005")
+    assert resumes_from(root, changed, allow_data_change=True) == os.path.join(root, "iter_0000005")
     same = PromptSampler(3, seed=0, fingerprint=prompts_fingerprint(prompts(["1", "2", "3"])))
-    assert resume_checkpoint(CheckpointConfig(dir=root), same.state_dict()) == os.path.join(root, "iter_0000005")
+    assert resumes_from(root, same) == os.path.join(root, "iter_0000005")
     with pytest.raises(ConfigError, match="3 train prompts, the data now gives 4"):      # the size check stays
-        resume_checkpoint(ok, PromptSampler(4, fingerprint="x").state_dict())
+        resumes_from(root, PromptSampler(4, fingerprint="x"), allow_data_change=True)
 
 
 def test_resume_refuses_another_data_seed_unless_allowed(tmp_path, caplog):
@@ -154,6 +154,50 @@ def test_resume_refuses_another_data_seed_unless_allowed(tmp_path, caplog):
     resumed.load_state_dict(saved.state_dict())            # what trainer.resume then does: the saved order
     assert sorted(first + resumed.next_indices(2)) == [0, 1, 2, 3]
     assert resumes_from(root, PromptSampler(4, seed=3, fingerprint=fp)) == os.path.join(root, "iter_0000004")
+
+
+def test_resume_refuses_a_changed_lr_schedule_before_anything_loads(tmp_path):
+    """megatron-core cannot change a resumed optimizer's schedule (0.16.1: an AssertionError after the weights have
+    loaded; 0.19.2: a bare KeyError): refused at once, naming the keys, both values and the ways out."""
+    trained = OptimConfig(lr=2e-5, warmup_steps=2, decay_steps=10, decay_style="linear")
+    root = str(tmp_path)
+    fake_checkpoint(root, 4, scheduler={**trained.lr_schedule(), "num_steps": 4})   # what save_checkpoint stores
+    point_latest(root, 4)
+    same = OptimConfig(lr=2e-5, warmup_steps=2, decay_steps=10, decay_style="linear", clip_grad=0.5)   # not in it
+    assert resumes_from(root, PromptSampler(4), same) == os.path.join(root, "iter_0000004")
+    with pytest.raises(ConfigError) as e:
+        resumes_from(root, PromptSampler(4), OptimConfig(lr=1e-5, warmup_steps=2, decay_steps=20,
+                                                         decay_style="linear"))
+    message = str(e.value)
+    assert "iter_0000004" in message and "optim.lr: 2e-05 in the checkpoint, 1e-05 in this run" in message
+    assert "optim.decay_steps (with optim.warmup_steps): 10 in the checkpoint, 20 in this run" in message
+    assert "optim.weight_decay" not in message and "tools/convert_checkpoint.py mcore-to-hf" in message
+    with pytest.raises(ConfigError, match="optim.weight_decay: 0.0 in the checkpoint, 0.1 in this run"):
+        resumes_from(root, PromptSampler(4), OptimConfig(lr=2e-5, warmup_steps=2, decay_steps=10,
+                                                         decay_style="linear", weight_decay=0.1))
+
+
+def test_a_checkpoint_of_the_gpu_stack_is_refused_by_an_older_megatron_core_with_the_reason(tmp_path, monkeypatch):
+    """megatron-core >= 0.19 keeps the common state inside the torch_dist files (no common.pt); 0.16.1 (the CPU
+    stack) reads only common.pt and would fail with "Common file ... does not exist"."""
+    from megatron_bppo import checkpointing
+
+    gpu = fake_checkpoint(str(tmp_path / "gpu"), 3)
+    os.remove(os.path.join(gpu, "common.pt"))
+    cpu = fake_checkpoint(str(tmp_path / "cpu"), 3)
+    monkeypatch.setattr(checkpointing, "megatron_core_version", lambda: "0.16.1")
+    point_latest(str(tmp_path / "gpu"), 3)
+    with pytest.raises(ConfigError, match="installed megatron-core 0.16.1 reads only common.pt"):
+        resumes_from(tmp_path / "gpu", PromptSampler(4))              # refused before anything is built
+    checkpointing.check_readable(cpu, {"megatron_core": "0.16.1"})
+    with pytest.raises(ConfigError) as e:
+        checkpointing.check_readable(gpu, {"megatron_core": "0.19.2"})
+    assert all(s in str(e.value) for s in ("megatron-core 0.19.2", "installed megatron-core 0.16.1", "mcore-to-hf"))
+    with pytest.raises(ConfigError, match=r"megatron-core >= 0.19 \(not recorded\)"):
+        checkpointing.check_readable(gpu, {})
+    monkeypatch.setattr(checkpointing, "megatron_core_version", lambda: "0.19.2")
+    checkpointing.check_readable(gpu, {"megatron_core": "0.19.2"})       # reads both layouts
+    checkpointing.check_readable(cpu, {"megatron_core": "0.16.1"})
 
 
 # ------------------------------------------------------------------------- 4. truncated safetensors

@@ -280,6 +280,10 @@ def in_process_save_results_queue():
     whose results would never reach an in-process queue (its finalize would then fail with "results_queue should
     not be empty", not silently). tests/test_platform.py checks that megatron-core still starts the Manager
     without this, that it outlives its SIGKILLed rank, and that the save with it starts no helper and loads back.
+    megatron-core 0.19.2 (the GPU stack, read, not run): the same module global `_results_queue`
+    (filesystem_async.py:49, a spawn Manager().Queue() at :62-66, now from get_write_results_queue), the
+    synchronous save as async_save + execute_sync (strategies/torch.py:725-729), results read with get_nowait
+    (:462); its writers are threads (:253), so this still applies.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
