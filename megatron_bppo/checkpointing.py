@@ -55,23 +55,25 @@ COMMON_STATE_INSIDE_SINCE = (0, 19)
 
 
 def megatron_core_version() -> str:
-    from importlib.metadata import version
+    """The version of the megatron-core this process imports (also from a source checkout without metadata)."""
+    from megatron.core import package_info
 
-    return version("megatron-core")
+    return package_info.__version__
 
 
 def check_readable(path: str, meta: dict) -> None:
     """Refuse, with the reason, a checkpoint that the installed megatron-core cannot read: one written by megatron-core
     >= 0.19 (the GPU stack, constraints-gpu.txt) loaded with an older one (the CPU stack's 0.16.1)."""
+    if os.path.isfile(os.path.join(path, "common.pt")):
+        return
     installed = megatron_core_version()
-    if os.path.isfile(os.path.join(path, "common.pt")) or \
-            tuple(int(x) for x in installed.split(".")[:2]) >= COMMON_STATE_INSIDE_SINCE:
+    if tuple(int(x) for x in installed.split(".")[:2]) >= COMMON_STATE_INSIDE_SINCE:
         return
     writer = meta.get("megatron_core", ">= 0.19 (not recorded)")
-    raise ConfigError(f"{path} was written by megatron-core {writer}, which keeps the checkpoint's common state inside "
-                     f"its torch_dist files (there is no common.pt); the installed megatron-core {installed} reads "
-                     "only common.pt. Load it where megatron-core >= 0.19 is installed (the GPU stack, "
-                     "constraints-gpu.txt), e.g. export it there: tools/convert_checkpoint.py mcore-to-hf")
+    raise ConfigError(f"{path} was written by megatron-core {writer}, which keeps the checkpoint's common state "
+                      f"inside its torch_dist files (there is no common.pt); the installed megatron-core {installed} "
+                      "reads only common.pt. Load it where megatron-core >= 0.19 is installed (the GPU stack, "
+                      "constraints-gpu.txt), e.g. export it there: tools/convert_checkpoint.py mcore-to-hf")
 
 
 def _optim_metadata(optimizer_format: str) -> dict:
@@ -249,18 +251,18 @@ def check_resume_data(path: str, saved: Optional[dict], current: dict, allow_cha
 
 def resume_checkpoint(ckpt_cfg, sampler_state: dict, optim, log: bool = True) -> Optional[str]:
     """What a run with checkpoint config `ckpt_cfg` (config.CheckpointConfig) resumes from, checked: None (fresh
-    start) or a complete checkpoint whose train data matches `sampler_state` and whose LR schedule is `optim`'s
-    (config.OptimConfig), in a format the installed megatron-core reads. Cheap and read-only; every rank calls it before any process group exists, so a refusal
-    (ConfigError) ends every rank the same way."""
+    start) or a complete checkpoint in a format the installed megatron-core reads, whose train data matches
+    `sampler_state` and whose LR schedule is `optim`'s (config.OptimConfig). Cheap and read-only; every rank calls
+    it before any process group exists, so a refusal (ConfigError) ends every rank the same way."""
     if not ckpt_cfg.dir or not ckpt_cfg.resume:
         return None
     path = find_resume_checkpoint(ckpt_cfg.dir, ckpt_cfg.allow_fresh_start, log=log)
     if path is not None:
+        check_readable(path, read_meta(path))
         state = read_trainer_state(path)
         check_resume_data(path, state.get("extra", {}).get("sampler"), sampler_state, ckpt_cfg.allow_data_change,
                           log=log)
         check_resume_schedule(path, state.get("scheduler"), optim)
-        check_readable(path, read_meta(path))
     return path
 
 
@@ -271,21 +273,26 @@ _SCHEDULE_KEYS = {"max_lr": "optim.lr", "min_lr": "optim.min_lr", "lr_warmup_ste
 
 
 def check_resume_schedule(path: str, saved: Optional[dict], optim) -> None:
-    """Refuse (ConfigError) to resume a checkpoint whose LR / weight-decay schedule differs from this run's.
-    megatron-core refuses it anyway, but late and unclearly: 0.16.1 after the weights have loaded, with an
-    AssertionError from OptimizerParamScheduler.load_state_dict (optimizer_param_scheduler.py:326-330); 0.19.2
-    with a bare KeyError, because the optimizer's param groups now carry max_lr / min_lr / start_wd / end_wd and
-    are matched on them (optimizer/optimizer.py:139-148, distrib_optimizer.py:970)."""
+    """Refuse (ConfigError) to resume a checkpoint whose LR / weight-decay schedule differs from this run's, which
+    megatron-core would not follow: 0.16.1 silently keeps the checkpoint's schedule (OptimizerParamScheduler's
+    use_checkpoint_opt_param_scheduler defaults to True, optimizer_param_scheduler.py:135 and :326; the distributed
+    optimizer restores the saved param groups' max_lr / min_lr, distrib_optimizer.py:755-763), so the run would use
+    other values than its config says; 0.19.2 keeps it too, and fails with a bare KeyError (ValueError without the
+    distributed optimizer) when optim.lr or min_lr changed, because it matches saved param groups on max_lr /
+    min_lr (optimizer/optimizer.py:139-148, distrib_optimizer.py:970). decay_steps is not compared under a constant
+    schedule, where it has no effect."""
     if not saved:
         return
     want = optim.lr_schedule()
+    constant = saved.get("lr_decay_style") == want["lr_decay_style"] == "constant"
     changed = [f"{key}: {saved[k]} in the checkpoint, {want[k]} in this run" for k, key in _SCHEDULE_KEYS.items()
-               if k in saved and saved[k] != want[k]]
+               if k in saved and saved[k] != want[k] and not (constant and k == "lr_decay_steps")]
     if changed:
         raise ConfigError(
             f"cannot resume {path}: its LR schedule differs from this run's ({'; '.join(changed)}). megatron-core "
-            "cannot change the schedule of a resumed optimizer: set these back to resume, or export the checkpoint "
-            "(tools/convert_checkpoint.py mcore-to-hf) and start a new run in another checkpoint.dir from it.")
+            "keeps a resumed optimizer's saved schedule (these settings would be ignored; 0.19 fails on a changed "
+            "optim.lr / min_lr): set them back to resume, or export the checkpoint (tools/convert_checkpoint.py "
+            "mcore-to-hf) and start a new run in another checkpoint.dir from it.")
 
 
 def rotate_checkpoints(root: str, keep_last: int, keep: str = "") -> list[str]:

@@ -157,11 +157,15 @@ def test_resume_refuses_another_data_seed_unless_allowed(tmp_path, caplog):
 
 
 def test_resume_refuses_a_changed_lr_schedule_before_anything_loads(tmp_path):
-    """megatron-core cannot change a resumed optimizer's schedule (0.16.1: an AssertionError after the weights have
-    loaded; 0.19.2: a bare KeyError): refused at once, naming the keys, both values and the ways out."""
+    """megatron-core keeps a resumed optimizer's saved schedule (0.16.1 silently; 0.19.2 fails with a bare KeyError
+    on a changed LR): refused at once, naming the keys, both values and the ways out."""
     trained = OptimConfig(lr=2e-5, warmup_steps=2, decay_steps=10, decay_style="linear")
     root = str(tmp_path)
-    fake_checkpoint(root, 4, scheduler={**trained.lr_schedule(), "num_steps": 4})   # what save_checkpoint stores
+    saved = {k: v for k, v in trained.lr_schedule().items() if k != "init_lr"}   # OptimizerParamScheduler.state_dict
+    fake_checkpoint(root, 4, scheduler={**saved, "num_steps": 4})
+    fake_checkpoint(str(tmp_path / "constant"), 4, scheduler={**OptimConfig(lr=2e-5).lr_schedule(), "num_steps": 4})
+    point_latest(str(tmp_path / "constant"), 4)
+    assert resumes_from(tmp_path / "constant", PromptSampler(4), OptimConfig(lr=2e-5, decay_steps=50)) is not None
     point_latest(root, 4)
     same = OptimConfig(lr=2e-5, warmup_steps=2, decay_steps=10, decay_style="linear", clip_grad=0.5)   # not in it
     assert resumes_from(root, PromptSampler(4), same) == os.path.join(root, "iter_0000004")

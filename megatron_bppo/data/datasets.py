@@ -19,8 +19,9 @@ in the :class:`LoadReport` (counts per reason and the first few row numbers). :c
 load time -- never deep into a run -- for a missing file, an unreadable format, columns that fit no schema (the
 message lists each schema's columns), an empty result, or more than ``max_malformed_fraction`` of rows malformed.
 
-:class:`PromptSampler` walks a dataset in seeded, per-epoch shuffled order; its position (epoch, index, seed) is
-saved with ``state_dict()`` and restored with ``load_state_dict()`` so a resumed run sees the same prompts.
+:class:`PromptSampler` walks the indices of a dataset of a given size in seeded, per-epoch shuffled order; its
+position (epoch, index, seed) is saved with ``state_dict()`` and restored with ``load_state_dict()`` so a resumed
+run sees the same prompts.
 """
 from __future__ import annotations
 
