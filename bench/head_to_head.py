@@ -302,8 +302,8 @@ def ratio_ci(ratios):
 
 
 def bootstrap_problems(pairs, draws=10000, seed=0):
-    """Paired bootstrap over held-out problems of the seed-mean difference (arm - GRPO) in greedy pass@1.
-    `pairs`: [(grpo bits, arm bits)] per seed, each a '0101...' string over the same problems."""
+    """Paired bootstrap over held-out problems of the seed-mean difference (arm - reference) in greedy pass@1.
+    `pairs`: [(reference bits, arm bits)] per seed, each a '0101...' string over the same problems."""
     if not pairs:
         return None
     n = len(pairs[0][0])
@@ -332,7 +332,7 @@ def analyze(summaries, protocol=None):
     protocol = protocol or PROTOCOL
     base = summaries.get("base")
     arms_present = [a for a in ALL_ARMS if any(s["kind"] == "main" and s["arm"] == a for s in summaries.values())]
-    out = {"protocol": protocol, "lr": {}, "runs": {}, "vs_grpo": {}, "criteria": {}}
+    out = {"protocol": protocol, "lr": {}, "runs": {}, "vs_grpo": {}, "criteria": {}, "vs_bppo": {}}
     chosen = select_lrs(summaries, protocol, list(ALL_ARMS))
     for a, (lr, scores) in chosen.items():
         out["lr"][a] = {"chosen": lr, "swept_as": protocol["lr_from"].get(a, a),
@@ -364,28 +364,10 @@ def analyze(summaries, protocol=None):
     target = protocol["target_fraction"] * statistics.fmean(grpo_final_check) if grpo_final_check else None
     out["target"] = target
     for a in arms_present:
-        seeds = [sd for sd in protocol["seeds"] if (a, sd) in main and ("grpo", sd) in main]
-        if not seeds:
+        entry = paired(main, out["runs"], a, "grpo", protocol["seeds"])
+        if entry is None:
             continue
-        g = {sd: out["runs"][main[("grpo", sd)]["run"]] for sd in seeds}
-        v = {sd: out["runs"][main[(a, sd)]["run"]] for sd in seeds}
-        entry = {"seeds": seeds,
-                 "final_accuracy": mean_ci([v[sd]["final_accuracy"] for sd in seeds]),
-                 "accuracy_diff": mean_ci([v[sd]["final_accuracy"] - g[sd]["final_accuracy"] for sd in seeds]),
-                 "mean_at_k_diff": mean_ci([(v[sd]["final_mean_at_k"] or 0) - (g[sd]["final_mean_at_k"] or 0)
-                                            for sd in seeds]),
-                 "accuracy_diff_problem_bootstrap": bootstrap_problems(
-                     [(main[("grpo", sd)]["final"]["greedy"]["bits"], main[(a, sd)]["final"]["greedy"]["bits"])
-                      for sd in seeds]),
-                 "length_ratio": ratio_ci([v[sd]["final_length"] / g[sd]["final_length"] for sd in seeds]),
-                 "step_time_ratio": ratio_ci([g[sd]["step_seconds"] / v[sd]["step_seconds"] for sd in seeds]),
-                 # issue 13's rollout measure on this task: arm / GRPO per step (< 1: a cheaper rollout)
-                 "rollout_time_ratio": ratio_ci([v[sd]["phase_seconds"]["rollout"] / g[sd]["phase_seconds"]["rollout"]
-                                                 for sd in seeds]),
-                 "rollout_token_ratio": ratio_ci([v[sd]["generated_tokens_per_step"]
-                                                  / g[sd]["generated_tokens_per_step"] for sd in seeds
-                                                  if v[sd]["generated_tokens_per_step"]
-                                                  and g[sd]["generated_tokens_per_step"]])}
+        seeds = entry["seeds"]
         speedups, reached = [], 0
         for sd in seeds:
             tg = time_to_target(main[("grpo", sd)], target) if target is not None else None
@@ -409,7 +391,41 @@ def analyze(summaries, protocol=None):
                 "length_point_at_most_0.7x": None if lr_ is None else lr_["mean"] <= cap,
                 "faster_to_target": None if sp is None or sp["lo"] is None else sp["lo"] > 1.0,
                 "speedup": None if sp is None else sp["mean"]}
+    # The ablations' own question (NOT a pre-registered criterion): each one-key change of BPPO against BPPO
+    for a in arms_present:
+        if protocol["lr_from"].get(a) == "bppo":
+            entry = paired(main, out["runs"], a, "bppo", protocol["seeds"])
+            if entry is not None:
+                out["vs_bppo"][a] = entry
     return out
+
+
+def paired(main, runs, arm, ref, seeds):
+    """`arm` against `ref`, paired by seed over the seeds both ran (None if none): accuracy difference (t interval
+    over seeds and bootstrap over problems), and ratios arm / ref of length and rollout cost, ref / arm of step
+    time (> 1: the arm is faster)."""
+    seeds = [sd for sd in seeds if (arm, sd) in main and (ref, sd) in main]
+    if not seeds:
+        return None
+    r = {sd: runs[main[(ref, sd)]["run"]] for sd in seeds}
+    v = {sd: runs[main[(arm, sd)]["run"]] for sd in seeds}
+    return {"seeds": seeds,
+            "final_accuracy": mean_ci([v[sd]["final_accuracy"] for sd in seeds]),
+            "accuracy_diff": mean_ci([v[sd]["final_accuracy"] - r[sd]["final_accuracy"] for sd in seeds]),
+            "mean_at_k_diff": mean_ci([(v[sd]["final_mean_at_k"] or 0) - (r[sd]["final_mean_at_k"] or 0)
+                                       for sd in seeds]),
+            "accuracy_diff_problem_bootstrap": bootstrap_problems(
+                [(main[(ref, sd)]["final"]["greedy"]["bits"], main[(arm, sd)]["final"]["greedy"]["bits"])
+                 for sd in seeds]),
+            "length_ratio": ratio_ci([v[sd]["final_length"] / r[sd]["final_length"] for sd in seeds]),
+            "step_time_ratio": ratio_ci([r[sd]["step_seconds"] / v[sd]["step_seconds"] for sd in seeds]),
+            # issue 13's rollout measure: arm / ref per step (< 1: a cheaper rollout)
+            "rollout_time_ratio": ratio_ci([v[sd]["phase_seconds"]["rollout"] / r[sd]["phase_seconds"]["rollout"]
+                                            for sd in seeds]),
+            "rollout_token_ratio": ratio_ci([v[sd]["generated_tokens_per_step"] / r[sd]["generated_tokens_per_step"]
+                                             for sd in seeds
+                                             if v[sd]["generated_tokens_per_step"]
+                                             and r[sd]["generated_tokens_per_step"]])}
 
 
 def fmt_ci(c, digits=3, signed=False):
@@ -448,19 +464,7 @@ def tables(result) -> str:
                      f"{num(r['final_length'], '.1f')} | {r['train_length_last_half']:.1f} |")
     lines += ["", f"Paired by seed against GRPO (mean [95 % interval]); target = "
               f"{result['protocol']['target_fraction']} x GRPO's mean final check accuracy = "
-              f"{num(result.get('target'), '.3f')}:", "",
-              "| arm | seeds | final pass@1 | diff vs GRPO (t over seeds) | diff (bootstrap over problems) | "
-              "mean@k diff | length ratio | step-time speed-up | speed-up to target [reached] | "
-              "rollout time ratio | rollout token ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for a, e in result["vs_grpo"].items():
-        lines.append(f"| {a} | {len(e['seeds'])} | {fmt_ci(e['final_accuracy'])} | "
-                     f"{fmt_ci(e['accuracy_diff'], signed=True)} | "
-                     f"{fmt_ci(e['accuracy_diff_problem_bootstrap'], signed=True)} | "
-                     f"{fmt_ci(e['mean_at_k_diff'], signed=True)} | {fmt_ci(e['length_ratio'], 2)} | "
-                     f"{fmt_ci(e['step_time_ratio'], 2)} | {fmt_ci(e['speedup_to_target'], 2)} "
-                     f"[{e['reached_target']}] | {fmt_ci(e['rollout_time_ratio'], 2)} | "
-                     f"{fmt_ci(e['rollout_token_ratio'], 2)} |")
+              f"{num(result.get('target'), '.3f')}:", "", *paired_table(result["vs_grpo"], "GRPO", to_target=True)]
     lines += ["", "Pre-registered criteria (accuracy: lower bound of the diff interval > -margin; length: upper "
               "bound of the ratio interval <= 0.7; speed: lower bound of the speed-up interval > 1):", "",
               "| arm | accuracy non-inferior | within +-margin | length <= 0.7x (interval) | (point) | faster | "
@@ -470,7 +474,29 @@ def tables(result) -> str:
         lines.append(f"| {a} | {yn(c['accuracy_non_inferior'])} | {yn(c['accuracy_within_margin'])} | "
                      f"{yn(c['length_at_most_0.7x'])} | {yn(c['length_point_at_most_0.7x'])} | "
                      f"{yn(c['faster_to_target'])} | {num(c['speedup'], '.2f')} |")
+    if result.get("vs_bppo"):
+        lines += ["", "Each one-key change of BPPO paired by seed against `bppo` (mean [95 % interval]; the ablations' "
+                  "own question, NOT a pre-registered criterion):", "", *paired_table(result["vs_bppo"], "bppo")]
     return "\n".join(lines) + "\n"
+
+
+def paired_table(entries, ref, to_target=False):
+    """Markdown rows of paired() entries against `ref` (the GRPO table adds the speed-up to the target)."""
+    head = (f"| arm | seeds | final pass@1 | diff vs {ref} (t over seeds) | diff (bootstrap over problems) | "
+            f"mean@k diff | length ratio | step-time speed-up | {'speed-up to target [reached] | ' * to_target}"
+            f"rollout time ratio | rollout token ratio |")
+    rows = [head, "|---" * head.count(" | ") + "|---|"]
+    for a, e in entries.items():
+        target = f"{fmt_ci(e['speedup_to_target'], 2)} [{e['reached_target']}] | " if to_target else ""
+        rows.append(f"| {a} | {len(e['seeds'])} | {fmt_ci(e['final_accuracy'])} | "
+                    f"{fmt_ci(e['accuracy_diff'], signed=True)} | "
+                    f"{fmt_ci(e['accuracy_diff_problem_bootstrap'], signed=True)} | "
+                    f"{fmt_ci(e['mean_at_k_diff'], signed=True)} | {fmt_ci(e['length_ratio'], 2)} | "
+                    f"{fmt_ci(e['step_time_ratio'], 2)} | {target}{fmt_ci(e['rollout_time_ratio'], 2)} | "
+                    f"{fmt_ci(e['rollout_token_ratio'], 2)} |")
+    return rows
+
+
 
 
 def plot(result, path):
@@ -479,7 +505,8 @@ def plot(result, path):
     import matplotlib.pyplot as plt
 
     arms = list(ALL_ARMS)
-    colors = dict(zip(arms, ("tab:red", "tab:blue", "tab:cyan", "tab:purple", "tab:green", "tab:orange")))
+    palette = ("tab:red", "tab:blue", "tab:cyan", "tab:purple", "tab:green", "tab:orange", "tab:brown", "tab:olive")
+    colors = dict(zip(arms, palette))                  # one color per arm: the palette covers every arm
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     for name, r in result["runs"].items():
         c = colors[r["arm"]]

@@ -145,6 +145,14 @@ def test_commands_are_exact(h2h):
 
 def test_analysis_from_summaries_alone(h2h, tmp_path):
     write_synthetic(h2h, str(tmp_path))
+    # a one-key change of BPPO at two seeds, at half BPPO's step time and a shorter final length
+    extra = {0: 0.47, 1: 0.52}
+    for s, acc in extra.items():
+        final = {"greedy": {"pass@1": round(acc * 256) / 256, "n": 256, "bits": bits(acc, shift=s),
+                            "length": {"mean": 25.0}}, "mean_at_k": {"k": 4, "accuracy": acc}}
+        r = summary(h2h, f"stop_exclude-s{s}", "main", "stop_exclude", s, 2e-5, [(40, acc)], 15.0, final)
+        with open(tmp_path / f"stop_exclude-s{s}.json", "w") as f:
+            json.dump(r, f)
     result, text = h2h.write_analysis(str(tmp_path))
     for f in ("analysis.json", "analysis.md", "head_to_head.png"):
         assert os.path.getsize(tmp_path / "analysis" / f) > 0
@@ -172,6 +180,18 @@ def test_analysis_from_summaries_alone(h2h, tmp_path):
     assert c["length_at_most_0.7x"] is True and c["faster_to_target"] is True
     assert c["accuracy_non_inferior"] is (e["accuracy_diff"]["lo"] > -0.03)
     assert "| bppo | 4 |" in text and "LR sweep" in text
+    # the ablation is also paired against bppo, over the seeds both ran; bppo and grpo themselves are not
+    assert set(result["vs_bppo"]) == {"stop_exclude"} and "stop_exclude" in result["vs_grpo"]
+    v = result["vs_bppo"]["stop_exclude"]
+    assert v["seeds"] == [0, 1]
+    assert v["accuracy_diff"]["mean"] == pytest.approx(statistics.fmean(
+        round(extra[s] * 256) / 256 - round(FINAL["bppo"][s] * 256) / 256 for s in extra))
+    assert v["length_ratio"]["mean"] == pytest.approx(math.sqrt(25.0 / LENGTH["bppo"][0] * 25.0 / LENGTH["bppo"][1]))
+    assert v["step_time_ratio"]["mean"] == pytest.approx(2.0)                      # bppo / arm
+    assert v["rollout_time_ratio"]["mean"] == pytest.approx(0.5) and v["rollout_token_ratio"]["mean"] == \
+        pytest.approx(0.5)
+    assert "| arm | seeds | final pass@1 | diff vs bppo (t over seeds) |" in text
+    assert "| stop_exclude | 2 |" in text.split("diff vs bppo")[1]
     assert result["lr"]["grpo"]["scores"]["2e-5"] == pytest.approx(0.40)   # mean of the checks at 5 and 10
     # the CLI path: the same files from the summaries alone
     os.remove(tmp_path / "analysis" / "analysis.md")
