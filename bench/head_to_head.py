@@ -350,6 +350,8 @@ def analyze(summaries, protocol=None):
             "generated_tokens_per_step": (statistics.fmean(x["rollout/tokens_generated"] for x in steps)
                                           if steps and all("rollout/tokens_generated" in x for x in steps)
                                           else None),
+            "stopped_tokens_per_step": (statistics.fmean(x.get("rollout/tokens_stopped", 0) for x in steps)
+                                        if steps else float("nan")),
             "learner_tokens_per_step": (statistics.fmean(x.get("selected/tokens", 0) for x in steps)
                                         if steps else float("nan")),
             "train_length_last_half": (statistics.fmean(x.get("response_length/mean", 0)
@@ -451,15 +453,16 @@ def tables(result) -> str:
         scores = " | ".join(f"{e['scores'].get(lr_tag(x), float('nan')):.3f}" for x in grid)
         lines.append(f"| {a} | {scores} | {lr_tag(e['chosen'])} |")
     lines += ["", "| run | lr | steps | train s | s/step | rollout s | learner s | samples/step | "
-              "learner tokens/step | checks (step: acc) | final pass@1 | final mean@k | final length | "
-              "train length (2nd half) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "generated tokens/step (stopped early) | learner tokens/step | checks (step: acc) | final pass@1 | "
+              "final mean@k | final length | train length (2nd half) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
         ph = r["phase_seconds"]
         checks = " ".join(f"{st}:{acc:.2f}" for st, _, acc, _ in r["checks"])
         lines.append(f"| {name} | {lr_tag(r['lr'])} | {r['steps']} | {r['train_seconds']:.0f} | "
                      f"{r['step_seconds']:.1f} | {ph['rollout']:.1f} | {ph['logprob'] + ph['update']:.1f} | "
-                     f"{r['samples_per_step']:.0f} | {r['learner_tokens_per_step']:.0f} | {checks} | "
+                     f"{r['samples_per_step']:.0f} | {num(r['generated_tokens_per_step'], '.0f')} "
+                     f"({r['stopped_tokens_per_step']:.0f}) | {r['learner_tokens_per_step']:.0f} | {checks} | "
                      f"{num(r['final_accuracy'], '.3f')} | {num(r['final_mean_at_k'], '.3f')} | "
                      f"{num(r['final_length'], '.1f')} | {r['train_length_last_half']:.1f} |")
     lines += ["", f"Paired by seed against GRPO (mean [95 % interval]); target = "
