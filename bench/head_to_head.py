@@ -500,8 +500,6 @@ def paired_table(entries, ref, to_target=False):
     return rows
 
 
-
-
 def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
