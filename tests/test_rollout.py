@@ -56,6 +56,8 @@ def test_streamed_rollout_matches_rounds(runs, layout):
     assert r["equal_to_rounds"] and r["same_on_every_rank"], r
     assert r["stream_engine_steps"] > r["rounds_engine_steps"] >= 1      # token steps vs generate calls
     assert r["cut_same_pairs"] and r["cut_accounting"], r
+    assert r["cut_finished_same_tokens"], r                  # stopping samples does not change the others' tokens
+    assert "could not reset its prefix cache before sleeping" in r["leaked_stream_sleep_error"], r
     assert r["cut_stopped_samples"] > 0 and r["cut_generated"] < r["generated"], r
 
 

@@ -410,8 +410,7 @@ class VLLMEngine(RolloutEngine):
         if not self.on_gpu:
             with torch.no_grad():
                 stats.extra["tied_modules_refreshed"] = sum(self.llm.apply_model(_refresh_tied_cpu_gemm))
-        # Cached prefixes hold KV computed with the old weights.
-        self.llm.reset_prefix_cache()
+        self._reset_prefix_cache("after the weight update")      # cached prefixes hold the old weights' KV
         stats.seconds = time.perf_counter() - started
         self._weights_valid = True
         return stats
@@ -429,7 +428,16 @@ class VLLMEngine(RolloutEngine):
         if self.sleep_frees_memory:
             self.llm.sleep(level=level)
         elif not self.on_gpu:
-            self.llm.reset_prefix_cache()
+            self._reset_prefix_cache("before sleeping")
+
+    def _reset_prefix_cache(self, when: str) -> None:
+        """vllm 0.32.0 (v1/core/block_pool.py reset_prefix_cache) does not reset while any KV block is still held
+        -- it logs a warning and returns False -- and the next rollout would then reuse KV computed with the old
+        weights. Nothing may be running here, so a False means requests leaked (e.g. a stream not closed)."""
+        if not self.llm.reset_prefix_cache():
+            raise RolloutEngineError(f"vLLM could not reset its prefix cache {when}: requests still hold KV blocks, "
+                                     "and cached prompts would keep the old weights' KV. Close every rollout stream "
+                                     "(RolloutStream.close) before syncing weights or sleeping")
 
     def _restore_memory(self, tags: list[str]) -> None:
         if self.sleep_frees_memory:                 # CPU: nothing to wake (see _release_memory)

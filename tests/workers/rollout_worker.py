@@ -67,10 +67,30 @@ def stream_checks(engine) -> dict:
             selected.append(sorted(g.completions[i].sample_index for i in range(len(g.completions)) if mask[i]))
         return result, [[c.token_ids for c in g.completions] for g in result.groups], selected
 
+    def finished(result):
+        return {(g.prompt_id, c.sample_index): c.token_ids for g in result.groups for c in g.completions
+                if c.finish_reason != "abort"}
+
+    def leaked_stream_error():
+        """A stream left open with samples still running (24 tokens, no stop: more than one stream step; two groups,
+        one on each replica there is): the prefix-cache reset before sleeping must refuse on every rank."""
+        from megatron_bppo.rollout.engine import SampleRequest
+
+        stream = engine.stream(SamplingConfig(temperature=1.0, max_tokens=24, ignore_eos=True), track_running=False)
+        stream.add([SampleRequest((f"leak{i}", 0), f"leak{i}", tuple(PROMPTS[i]), 1) for i in range(2)])
+        stream.step()
+        error = error_of(engine.sleep)
+        stream.close()
+        engine.sleep()                  # closed: the reset succeeds (an error here fails the whole worker)
+        return error
+
     rounds, rounds_tokens, rounds_selected = run(False)
     stream, stream_tokens, stream_selected = run(True)
     cut, _, cut_selected = run(True, "exclude")
+    kept = finished(cut)
     return {"equal_to_rounds": stream_tokens == rounds_tokens, "rounds_engine_steps": rounds.engine_steps,
+            "cut_finished_same_tokens": bool(kept) and all(finished(stream)[k] == v for k, v in kept.items()),
+            "leaked_stream_sleep_error": leaked_stream_error(),
             "stream_engine_steps": stream.engine_steps, "samples": sum(map(len, stream_tokens)),
             "generated": stream.generated_tokens, "cut_generated": cut.generated_tokens,
             "cut_stopped_tokens": cut.stopped_tokens, "cut_stopped_samples": cut.stopped_samples,
