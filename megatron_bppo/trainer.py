@@ -262,6 +262,18 @@ def rollout_metrics(rollout, batch, sync) -> dict:
            "groups_mixed": batch.counts["mixed_groups"],
            "sync/bytes": sync.bytes, "sync/bytes_per_s": sync.bytes_per_s}
     out.update({f"sched/{k}": v for k, v in rollout.counters.items() if v})
+    # the trained sequences by class: the advantage they carry (after pair weighting) and their full lengths
+    for label, want in (("correct", True), ("incorrect", False)):
+        rows = [(float(f[ADVANTAGE][0]), n) for f, n, (gi, ci) in zip(batch.fields, batch.response_lengths,
+                                                                         batch.origin)
+                if rollout.groups[gi].correct[ci] == want]
+        if rows:
+            out[f"selected/adv_{label}"] = sum(a for a, _ in rows) / len(rows)
+            out[f"selected/length_{label}"] = sum(n for _, n in rows) / len(rows)
+    # mean -log p of the sampled tokens under the engine's (temperature-scaled) policy: an entropy proxy
+    tokens = sum(len(c.token_ids) for c, _, _ in finished)
+    if tokens:
+        out["rollout/nll_per_token"] = -sum(float(c.logprobs.sum()) for c, _, _ in finished) / tokens
     return out
 
 

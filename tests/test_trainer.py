@@ -81,11 +81,21 @@ def expected_sequences(dump, algo, min_tokens=4, ratio=0.5):
 def test_learner_sees_exactly_the_chosen_sequences(runs, algo):
     batches = sorted(os.listdir(os.path.join(runs[algo], "batches")))
     assert len(batches) == 3
-    for name in batches:
+    logged = metrics(runs[algo])
+    for step, name in enumerate(batches, start=1):
         dump = torch.load(os.path.join(runs[algo], "batches", name), weights_only=True)
         assert sorted(dump["sequences"]) == expected_sequences(dump, algo)
         if algo == "bppo":
             assert len(dump["sequences"]) == 2 * sum(1 for g in dump["groups"] if 0 < sum(g["correct"]) < len(g["correct"]))
+        # the per-class metrics of the trained sequences: their advantages and full lengths, as dumped
+        for label, want in (("correct", True), ("incorrect", False)):
+            rows = [(a, len(dump["groups"][gi]["completions"][ci])) for a, (gi, ci) in zip(dump["adv"], dump["origin"])
+                    if dump["groups"][gi]["correct"][ci] == want]
+            assert rows, (step, label)
+            assert logged[step][f"selected/adv_{label}"] == pytest.approx(sum(a for a, _ in rows) / len(rows))
+            assert logged[step][f"selected/length_{label}"] == pytest.approx(sum(n for _, n in rows) / len(rows))
+        assert logged[step]["selected/adv_correct"] > 0 > logged[step]["selected/adv_incorrect"]
+        assert 0 < logged[step]["rollout/nll_per_token"] < 20
 
 
 @pytest.mark.parametrize("algo", ["bppo", "grpo"])
