@@ -179,3 +179,31 @@ def test_early_stop_config_errors():
     with pytest.raises(ConfigError, match="algorithm.early_stop='sometimes': must be one of off"):
         load_config(None, ["algorithm.early_stop=sometimes"])
     assert load_config(None, ["algorithm.early_stop=as_incorrect"]).rollout.schedule == "stream"
+
+
+def test_early_stop_replay_matches_the_stop_run():
+    """bench/early_stop_replay.py on a group of the head-to-head's seed 1, step 2 (weights still identical in both
+    runs): lengths [39, 106, 102, 243], correct [T, F, F, T]. The stop run stopped samples 1 and 3 and trained the
+    pair (0, 2) with A+ 1.732 and A- -0.577 (as_incorrect); without early stop it got +1 / -1."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "early_stop_replay.py")
+    spec = importlib.util.spec_from_file_location("early_stop_replay", path)
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    algo = {"n_init": 4, "advantage": "grpo", "adv_eps": 1e-6, "pair_weighting": "none"}
+    group = {"correct": [True, False, False, True], "rewards": [1.0, 0.0, 0.0, 1.0],
+             "completions": [[7] * n for n in (39, 106, 102, 243)]}
+    out, lengths, stopped, n = replay.replay_group(group, algo)
+    assert (lengths, stopped, n) == ((39, 102), 2, 4)
+    assert out["off"][:2] == pytest.approx((1.0, -1.0), abs=1e-5)
+    assert out["as_incorrect"][:2] == pytest.approx((3 ** 0.5, -(1 / 3) ** 0.5), abs=1e-5)
+    assert out["exclude"][:2] == pytest.approx((1.0, -1.0), abs=1e-5)        # two samples left, one of each class
+    assert [p for _, _, p in out.values()] == pytest.approx([0.5, 0.25, 0.5])
+    # an extended group (8 > n_init): its first round was single-class and finished; only extra samples stop
+    group = {"correct": [False] * 4 + [True, False, False, True], "rewards": [0.0] * 4 + [1.0, 0.0, 0.0, 1.0],
+             "completions": [[7] * n for n in (300, 250, 240, 230, 50, 60, 70, 80)]}
+    out, lengths, stopped, _ = replay.replay_group(group, algo)
+    assert (lengths, stopped) == ((50, 60), 2)                  # samples 6 and 7, not the long first round
+    assert replay.replay_group({"correct": [True] * 3, "rewards": [1.0] * 3, "completions": [[1]] * 3}, algo) is None
