@@ -174,7 +174,8 @@ class AlgorithmConfig:
     max_prompt_draw_factor: float = 2.0
     min_mixed_rate: float = 0.1          # adaptive: floor of the mixed-group rate that sizes a draw of more prompts
     early_stop: str = "off"              # off | as_incorrect | exclude: stop running completions binary selection
-                                         # can no longer pick (docs/algorithm.md section 11; streaming rollouts)
+                                         # can no longer pick (docs/algorithm.md section 11; streaming rollouts).
+                                         # Not for training yet: its runs lost accuracy (docs/benchmarks.md 6.12)
     clip_low: float = 0.2
     clip_high: float = 0.28              # DAPO's clip-higher
     aggregation: str = "token-mean"      # token-mean | seq-mean-token-mean | token-sum-norm
