@@ -280,7 +280,10 @@ class _RecordingLLM:
         self.calls = []
 
     def __getattr__(self, name):
-        return lambda *args, **kwargs: self.calls.append((name, kwargs))
+        def call(*args, **kwargs):
+            self.calls.append((name, kwargs))
+            return True                 # what reset_prefix_cache returns when no request holds KV blocks
+        return call
 
 
 def _engine_without_vllm(on_gpu: bool, sleep_mode: bool, level: int = 2) -> VLLMEngine:
