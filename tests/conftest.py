@@ -36,6 +36,18 @@ def tiny_llama_tied(models_dir):
     return str(make_tiny_checkpoint(models_dir / "llama-tied", arch="llama", tie_word_embeddings=True))
 
 
+def load_script(path: str):
+    """A script of the repo that is not a package module (bench/, tools/, examples/), imported from its file;
+    `path` is relative to the repository root."""
+    import importlib.util
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_procs(script_args, nproc: int = 1, timeout: int = 600, env=None, check=True):
     """Run a script under torchrun (nproc > 1) or plain python; OMP_NUM_THREADS=1 per rank."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}

@@ -1,6 +1,5 @@
 """Prompt datasets (schemas, malformed rows, clear errors), resumable sampling, chat rendering, the arithmetic task,
 and the GSM8K / MATH preparation scripts on fixture files in the releases' formats."""
-import importlib.util
 import json
 import os
 
@@ -11,8 +10,8 @@ from megatron_bppo.data import (DIRECT_INSTRUCTION, ArithmeticLevel, ChatFormat,
                                 build_messages, generate_arithmetic, get_preset, read_prompt_file, open_dataset,
                                 problem_split, write_prompts_jsonl, write_verl_parquet)
 from megatron_bppo.data.arithmetic import Problem, problem_identity, sample_problem
+from conftest import ROOT, load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
 
 
@@ -24,10 +23,7 @@ def _write_jsonl(path, rows):
 
 
 def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"examples/{name}.py")
 
 
 @pytest.fixture(scope="module")

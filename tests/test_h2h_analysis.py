@@ -1,6 +1,5 @@
 """bench/head_to_head.py without training: the job list and its resume, the LR selection rule, and the analysis
 (paired intervals, time to target, criteria, tables, plot) regenerated from synthetic summary files alone."""
-import importlib.util
 import json
 import math
 import os
@@ -9,16 +8,13 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
 def h2h():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
-    spec = importlib.util.spec_from_file_location("head_to_head", os.path.join(ROOT, "bench", "head_to_head.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/head_to_head.py")
 
 
 # Synthetic runs: GRPO reaches 0.5 at 60 s per step; BPPO the same accuracy minus 0.01 at 30 s per step and half

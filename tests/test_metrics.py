@@ -1,9 +1,7 @@
 """MetricsLogger (jsonl, TensorBoard, W&B hook, progress line, resume truncation), PhaseTimer, and
 tools/plot_metrics.py drawing PNGs."""
-import importlib.util
 import json
 import logging
-import os
 import sys
 import types
 
@@ -13,15 +11,12 @@ import torch
 
 from megatron_bppo.metrics import MetricsLogger, PhaseTimer, flatten_metrics, read_metrics
 from megatron_bppo.plotting import cumulative_minutes
+from conftest import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _plot_tool():
-    spec = importlib.util.spec_from_file_location("plot_metrics", os.path.join(ROOT, "tools", "plot_metrics.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/plot_metrics.py")
 
 
 def _lines(path):

@@ -12,6 +12,7 @@ from megatron_bppo.collect import collect_groups
 from megatron_bppo.config import ConfigError, SamplingConfig, load_config
 from megatron_bppo.testing.rewards import even_length
 from megatron_bppo.testing.scripted_engine import ScriptedEngine, hashed_outcome
+from conftest import load_script
 
 
 def rendered(i: int, p: float):
@@ -185,13 +186,7 @@ def test_early_stop_replay_matches_the_stop_run():
     """bench/early_stop_replay.py on a group of the head-to-head's seed 1, step 2 (weights still identical in both
     runs): lengths [39, 106, 102, 243], correct [T, F, F, T]. The stop run stopped samples 1 and 3 and trained the
     pair (0, 2) with A+ 1.732 and A- -0.577 (as_incorrect); without early stop it got +1 / -1."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "early_stop_replay.py")
-    spec = importlib.util.spec_from_file_location("early_stop_replay", path)
-    replay = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(replay)
+    replay = load_script("bench/early_stop_replay.py")
     algo = {"n_init": 4, "advantage": "grpo", "adv_eps": 1e-6, "pair_weighting": "none"}
     group = {"correct": [True, False, False, True], "rewards": [1.0, 0.0, 0.0, 1.0],
              "completions": [[7] * n for n in (39, 106, 102, 243)]}
