@@ -51,10 +51,9 @@ def replay_group(group: dict, algo: dict):
                 "as_incorrect": ([floor if i in stopped else r for i, r in enumerate(rewards)],
                                  [ok and i not in stopped for i, ok in enumerate(correct)], [True] * n),
                 "exclude": (rewards, correct, [i not in stopped for i in range(n)])}
-    out, pair = {}, None
+    out, pair, length = {}, None, torch.tensor([lengths])
     for policy, (r, c, v) in variants.items():
         r, c, v = torch.tensor([r], dtype=torch.float64), torch.tensor([c]), torch.tensor([v])
-        length = torch.tensor([lengths])
         adv = group_advantages(r, mode=algo["advantage"], eps=algo["adv_eps"], valid=v)
         mask = select_binary(c, length, adv, v).mask
         weights = weight_selected_advantages(adv, c, mask, v, algo["pair_weighting"])[0]

@@ -87,9 +87,9 @@ def stream_checks(engine) -> dict:
     rounds, rounds_tokens, rounds_selected = run(False)
     stream, stream_tokens, stream_selected = run(True)
     cut, _, cut_selected = run(True, "exclude")
-    kept = finished(cut)
+    kept, full = finished(cut), finished(stream)
     return {"equal_to_rounds": stream_tokens == rounds_tokens, "rounds_engine_steps": rounds.engine_steps,
-            "cut_finished_same_tokens": bool(kept) and all(finished(stream)[k] == v for k, v in kept.items()),
+            "cut_finished_same_tokens": bool(kept) and all(full[k] == v for k, v in kept.items()),
             "leaked_stream_sleep_error": leaked_stream_error(),
             "stream_engine_steps": stream.engine_steps, "samples": sum(map(len, stream_tokens)),
             "generated": stream.generated_tokens, "cut_generated": cut.generated_tokens,
