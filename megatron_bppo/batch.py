@@ -3,7 +3,8 @@
     groups (prompt ids, completions, rewards, correct)
       --(group_advantages over ALL completions of a group)--> A[g, i]
       --(selector: all = GRPO, binary = BPPO; pair weighting)--> which completions train, with which advantage
-      --(PrefixRule: keep the first k response tokens; the suffix is dropped, not masked)--> training sequences
+      --(PrefixRule: keep the first k response tokens, per response or per pair; the suffix is dropped, not
+         masked)--> training sequences
       --(attach_logprobs: learner OLD_LOGPROBS, reference REF_LOGPROBS; engine/learner mismatch)--> UpdateBatch
       --(split_batch)--> mini-batches --(policy_loss_fn: clipped PG loss, the batch's normaliser)--> Learner.train_step
     each sequence = prompt + kept response; per-token fields (length L-1, index t predicts token t+1), by name:
@@ -106,7 +107,7 @@ def build_update_batch(groups: list[Group], algo, prefix_rule: PrefixRule, step:
     selection = get_selector(name, **options)(correct, lengths, advantages, valid)
     weights = weight_selected_advantages(advantages, correct, selection.mask, valid, algo.pair_weighting)
     rows, cols = selection.mask.nonzero(as_tuple=True)
-    keep = prefix_rule.lengths(lengths[rows, cols], step) if len(rows) else torch.zeros(0, dtype=torch.long)
+    keep = prefix_rule.group_lengths(lengths, correct, selection.mask, step)[rows, cols]
     out = UpdateBatch([], [], [], [], [], [], dict(selection.counts), rollout_tokens=int(lengths[valid].sum()),
                       rollout_sequences=int(valid.sum()))
     for gi, ci, k in zip(rows.tolist(), cols.tolist(), keep.tolist()):

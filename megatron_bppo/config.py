@@ -157,7 +157,8 @@ class AlgorithmConfig:
                                          # max_variance_pairs (correct = the reward function's `correct` flag)
     pair_weighting: str = "none"         # none | class_total | contrast (docs/algorithm.md section 3)
     normalizer: str = "trained"          # loss denominator: trained (tokens / sequences trained) | rollout (GRPO's)
-    prefix: str = "auto"                 # auto (grpo: full, bppo: ratio) | ratio | fixed | full
+    prefix: str = "auto"                 # auto (grpo: full, bppo: ratio) | ratio | fixed | full | pair | to_correct
+                                         # (pair, to_correct: cut to a length of the selected pair; section 5)
     prefix_ratio: float = 0.5
     prefix_tokens: Optional[int] = None
     prefix_min_tokens: int = 32
@@ -197,7 +198,8 @@ class AlgorithmConfig:
         return self.adaptive if self.adaptive is not None else self.name == "bppo"
 
     def validate(self):
-        from .algorithms import AGGREGATIONS, EARLY_STOP_POLICIES, KL_ESTIMATORS, PAIR_WEIGHTINGS, SELECTORS
+        from .algorithms import (AGGREGATIONS, EARLY_STOP_POLICIES, KL_ESTIMATORS, PAIR_WEIGHTINGS, PREFIX_MODES,
+                                 SELECTORS)
 
         _choice("algorithm.name", self.name, ("grpo", "bppo"))
         _choice("algorithm.advantage", self.advantage, ("grpo", "drgrpo"))
@@ -210,7 +212,7 @@ class AlgorithmConfig:
                               f"{self.resolved_selector()!r}, which may pick any completion: set "
                               "algorithm.early_stop=off")
         _choice("algorithm.normalizer", self.normalizer, ("trained", "rollout"))
-        _choice("algorithm.prefix", self.prefix, ("auto", "ratio", "fixed", "full"))
+        _choice("algorithm.prefix", self.prefix, ("auto", *PREFIX_MODES))
         _choice("algorithm.aggregation", self.aggregation, AGGREGATIONS)
         _choice("algorithm.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _choice("algorithm.rollout_is", self.rollout_is, ("none", "truncated"))
@@ -269,7 +271,14 @@ class AlgorithmConfig:
 
     def _validate_prefix(self):
         """The prefix fields, key by key (algorithms.PrefixRule checks the same invariants on its own inputs)."""
+        from .algorithms import PAIR_PREFIX_MODES, PAIR_SELECTORS
+
         mode = self.resolved_prefix()
+        if mode in PAIR_PREFIX_MODES and self.resolved_selector() not in PAIR_SELECTORS:
+            raise ConfigError(f"algorithm.prefix={mode} cuts both members of the selected pair to a length taken "
+                              f"from the pair, but algorithm.selector resolves to {self.resolved_selector()!r} "
+                              f"(algorithm.name={self.name}), which selects no pair: use a pair selector "
+                              f"({' / '.join(PAIR_SELECTORS)}), or a per-response prefix (ratio / fixed / full)")
         if mode == "ratio" and not self.prefix_schedule and not 0 < self.prefix_ratio <= 1:
             raise ConfigError(f"algorithm.prefix_ratio={self.prefix_ratio}: must be in (0, 1]")
         if mode == "fixed" and not self.prefix_schedule and (self.prefix_tokens is None or self.prefix_tokens < 1):
@@ -282,8 +291,8 @@ class AlgorithmConfig:
                               f"algorithm.prefix_min_tokens={self.prefix_min_tokens} (or null for no ceiling)")
         if not self.prefix_schedule:
             return
-        if mode == "full":
-            raise ConfigError("algorithm.prefix_schedule is meaningless with algorithm.prefix=full: remove it or "
+        if mode in ("full", *PAIR_PREFIX_MODES):
+            raise ConfigError(f"algorithm.prefix_schedule is meaningless with algorithm.prefix={mode}: remove it or "
                               "use ratio / fixed")
         points = [tuple(p) if isinstance(p, (list, tuple)) else (p,) for p in self.prefix_schedule]
         if any(len(p) != 2 for p in points):

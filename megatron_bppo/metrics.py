@@ -66,15 +66,19 @@ def find_metric(record: dict, name: str) -> Optional[float]:
 
 class PhaseTimer:
     """Wall time per named phase of a step; a phase entered twice accumulates. ``sync`` (e.g.
-    ``torch.cuda.synchronize``) runs at each phase boundary so GPU work is charged to the right phase."""
+    ``torch.cuda.synchronize``) runs at each phase boundary so GPU work is charged to the right phase. Beside the
+    step's wall time, the process's CPU seconds since ``reset()`` (this rank's threads, an in-process engine's
+    included): a step that waited on other load on the machine shows a lower CPU / wall ratio than its peers."""
 
-    def __init__(self, sync: Optional[Callable[[], None]] = None, clock: Callable[[], float] = time.perf_counter):
-        self.sync, self.clock = sync, clock
+    def __init__(self, sync: Optional[Callable[[], None]] = None, clock: Callable[[], float] = time.perf_counter,
+                 cpu_clock: Callable[[], float] = time.process_time):
+        self.sync, self.clock, self.cpu_clock = sync, clock, cpu_clock
         self.reset()
 
     def reset(self) -> None:
         self.times: dict[str, float] = {}
         self._t0 = self.clock()
+        self._cpu0 = self.cpu_clock()
 
     @contextmanager
     def __call__(self, name: str):
@@ -94,9 +98,11 @@ class PhaseTimer:
         return self.clock() - self._t0
 
     def metrics(self, prefix: str = "time/") -> dict[str, float]:
-        """``{prefix+phase: seconds, ..., prefix+"step": seconds since reset()}``."""
+        """``{prefix+phase: seconds, ..., prefix+"step": seconds since reset(), prefix+"step_cpu": this process's
+        CPU seconds since reset()}``."""
         out = {f"{prefix}{k}": v for k, v in self.times.items()}
         out[f"{prefix}step"] = self.elapsed()
+        out[f"{prefix}step_cpu"] = self.cpu_clock() - self._cpu0
         return out
 
 
@@ -254,11 +260,13 @@ class MetricsLogger:
         if generated is not None:
             parts.append(f"gen {_fmt_count(generated)} tok" + (f" ({_fmt_count(stopped)} stopped)" if stopped else ""))
         times = {k[5:]: v for k, v in record.items() if k.startswith("time/") and isinstance(v, (int, float))}
-        order = [p for p in PHASES if p in times] + sorted(k for k in times if k not in PHASES and k != "step")
+        order = [p for p in PHASES if p in times] + sorted(k for k in times
+                                                           if k not in PHASES and k not in ("step", "step_cpu"))
         if order:
             parts.append(" ".join(f"{p} {_fmt_time(times[p])}" for p in order))
         if "step" in times:
-            parts.append(f"step {_fmt_time(times['step'])}")
+            parts.append(f"step {_fmt_time(times['step'])}"
+                         + (f" (cpu {_fmt_time(times['step_cpu'])})" if "step_cpu" in times else ""))
         return " | ".join(parts)
 
     def close(self) -> None:

@@ -6,7 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_bppo.algorithms import PrefixRule
+import itertools
+
+from megatron_bppo.algorithms import PrefixRule, select_binary
 
 SETTINGS = settings(max_examples=80, deadline=None)
 
@@ -86,6 +88,7 @@ def test_schedule():
     (dict(mode="fixed"), "tokens"), (dict(mode="fixed", tokens=0), "tokens"),
     (dict(schedule=((5, 0.5), (1, 0.7))), "schedule"), (dict(schedule=((0, 2.0),)), "schedule value"),
     (dict(schedule=()), "schedule"), (dict(mode="full", schedule=((0, 1.0),)), "schedule"),
+    (dict(mode="pair", schedule=((0, 0.5),)), "schedule"), (dict(mode="to_correct", schedule=((0, 0.5),)), "schedule"),
 ])
 def test_validation(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -111,3 +114,49 @@ def test_cut_with_rule(rule, shapes):
         assert (1 <= kk <= n) if n > 0 else kk == 0   # the cut never reaches past the response
         o = s[: p + kk]                               # what batch.build_update_batch trains on
         assert o[:p] == s[:p] and o[p:] == s[p: p + kk] and len(o) - p == kk
+
+
+# ------------------------------------------------------------------------------ pair modes (the selected pair)
+@pytest.mark.parametrize("G", [2, 3, 4])
+@pytest.mark.parametrize("floor", [1, 3, 6])
+def test_pair_modes_by_exact_enumeration(G, floor):
+    """Every length assignment in {1, 2, 4, 7, 9}^G and every verdict pattern: on BPPO's pair, `pair` keeps
+    min(L, max(min(L+, L-), floor)) of each member, `to_correct` min(L, max(L+, floor)); unselected get 0."""
+    rules = {m: PrefixRule(mode=m, min_tokens=floor) for m in ("pair", "to_correct", "ratio", "full")}
+    for lens in itertools.product((1, 2, 4, 7, 9), repeat=G):
+        L = torch.tensor([lens])
+        for verdicts in itertools.product((False, True), repeat=G):
+            correct = torch.tensor([verdicts])
+            mask = select_binary(correct, L, torch.zeros(1, G), None).mask
+            k = {m: r.group_lengths(L, correct, mask).tolist()[0] for m, r in rules.items()}
+            if not 0 < sum(verdicts) < G:
+                assert all(v == [0] * G for v in k.values())        # no pair: nothing trained
+                continue
+            plus = min(n for n, c in zip(lens, verdicts) if c)
+            minus = min(n for n, c in zip(lens, verdicts) if not c)
+            for i, (n, sel) in enumerate(zip(lens, mask[0].tolist())):
+                expect_pair = min(n, max(min(plus, minus), floor)) if sel else 0
+                expect_correct = min(n, max(plus, floor)) if sel else 0
+                assert (k["pair"][i], k["to_correct"][i]) == (expect_pair, expect_correct), (lens, verdicts, i)
+                assert k["full"][i] == (n if sel else 0)                 # per-response modes: as lengths()
+                assert k["ratio"][i] == (rules["ratio"].lengths(torch.tensor([n]))[0].item() if sel else 0)
+            # the shorter member is whole under `pair`; the correct one is whole under `to_correct`
+            sel = [i for i in range(G) if mask[0, i]]
+            assert max(k["pair"][i] == lens[i] for i in sel)
+            assert all(k["to_correct"][i] == lens[i] for i in sel if verdicts[i])
+
+
+def test_pair_modes_groups_without_their_member_and_bounds():
+    L = torch.tensor([[30, 10, 50, 0], [8, 40, 20, 5]])
+    correct = torch.tensor([[True, False, False, False], [False, False, True, False]])
+    mask = torch.tensor([[True, True, False, False], [False, True, False, False]])   # row 1: no correct selected
+    assert PrefixRule(mode="pair", min_tokens=4).group_lengths(L, correct, mask).tolist() == [[10, 10, 0, 0],
+                                                                                                 [0, 40, 0, 0]]
+    assert PrefixRule(mode="to_correct", min_tokens=4).group_lengths(L, correct, mask).tolist() == [[30, 10, 0, 0],
+                                                                                                       [0, 40, 0, 0]]
+    capped = PrefixRule(mode="to_correct", min_tokens=4, max_tokens=20)               # the ceiling still applies
+    assert capped.group_lengths(L, correct, mask).tolist() == [[20, 10, 0, 0], [0, 20, 0, 0]]
+    with pytest.raises(ValueError, match="pass reference"):
+        PrefixRule(mode="pair").lengths(torch.tensor([5, 6]))
+    with pytest.raises(ValueError, match="one shape"):
+        PrefixRule(mode="pair").group_lengths(L, correct[:1], mask)

@@ -90,6 +90,13 @@ def test_bad_config_names_key_and_fix(overrides, message):
     (["eval.interval=-1"], "eval.interval=-1: must be >= 0"),
     (["eval.samples=-1"], "eval.samples=-1: must be >= 0"),
     (["train.steps=-5"], "train.steps=-5: must be >= 0"),
+    (["algorithm.name=grpo", "algorithm.prefix=pair"],
+     "algorithm.prefix=pair cuts both members of the selected pair to a length taken from the pair, but "
+     "algorithm.selector resolves to 'all' (algorithm.name=grpo), which selects no pair: use a pair selector"),
+    (["algorithm.selector=max_variance_pairs", "algorithm.prefix=to_correct"],
+     "algorithm.prefix=to_correct cuts both members"),
+    (["algorithm.prefix=pair", "algorithm.prefix_schedule=[[0,0.5]]"],
+     "algorithm.prefix_schedule is meaningless with algorithm.prefix=pair"),
 ])
 def test_out_of_range_values_name_key_value_and_range(overrides, message):
     with pytest.raises(ConfigError) as info:

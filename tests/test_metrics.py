@@ -26,12 +26,13 @@ def _lines(path):
 def test_phase_timer_values():
     ticks = iter([100.0, 101.0, 103.0, 103.5, 104.0, 110.0, 200.0])
     synced = []
-    t = PhaseTimer(sync=lambda: synced.append(1), clock=lambda: next(ticks))   # t0 = 100
+    cpu = iter([5.0, 12.5, 13.0])
+    t = PhaseTimer(sync=lambda: synced.append(1), clock=lambda: next(ticks), cpu_clock=lambda: next(cpu))  # t0 = 100
     with t("rollout"):                                  # 101 -> 103
         pass
     with t.phase("rollout"):                            # 103.5 -> 104: accumulates
         pass
-    assert t.metrics() == {"time/rollout": 2.5, "time/step": 10.0}
+    assert t.metrics() == {"time/rollout": 2.5, "time/step": 10.0, "time/step_cpu": 7.5}
     assert len(synced) == 4                             # at each phase boundary
     t.reset()
     assert t.times == {}
@@ -50,7 +51,7 @@ def test_logger_writes_jsonl_tensorboard_and_progress(tmp_path, capsys):
         rec = ml.log(1, {"reward": {"mean": 0.5}, "accuracy": 0.25, "response_length/mean": 57.4,
                          "selected/sequences": 32, "selected/tokens": 12345, "time/rollout": 30.12,
                          "time/sync": 2.0, "time/update": 18.0, "time/reward": 0.1, "time/logprob": 4.0,
-                         "time/step": 130.0, "loss": torch.tensor(0.75)})
+                         "time/step": 130.0, "time/step_cpu": 120.0, "loss": torch.tensor(0.75)})
         ml.log(2, {"eval": {"accuracy": 0.5}})
     assert rec["step"] == 1 and rec["reward/mean"] == 0.5 and rec["loss"] == 0.75
     lines = _lines(run / "metrics.jsonl")
@@ -62,7 +63,7 @@ def test_logger_writes_jsonl_tensorboard_and_progress(tmp_path, capsys):
     assert tb and tb[0].stat().st_size > 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == ("step 1/3 | reward 0.500 | acc 0.250 | len 57 | sel 32 seq 12.3k tok | rollout 30.1s sync 2.0s "
-                      "reward 0.1s logprob 4.0s update 18.0s | step 2.2m")
+                      "reward 0.1s logprob 4.0s update 18.0s | step 2.2m (cpu 2.0m)")
     assert out[1] == "step 2/3 | eval_acc 0.500"
 
 

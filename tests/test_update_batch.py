@@ -98,6 +98,21 @@ def test_build_update_batch_uses_the_rewards_correct_flag():
     assert build_update_batch(groups, algo, PrefixRule(mode="full"), step=1).empty
 
 
+@pytest.mark.parametrize("mode, keep", [("pair", {(0, 0): 2, (0, 1): 2, (1, 1): 5, (1, 3): 5}),
+                                         ("to_correct", {(0, 0): 6, (0, 1): 2, (1, 1): 5, (1, 3): 5})])
+def test_build_update_batch_cuts_the_pair_to_its_reference_length(mode, keep):
+    """Sequence = prompt + the kept tokens; group 0's shortest incorrect (2) is shorter than its shortest correct
+    (6), group 1's correct (5) shorter than its incorrect (9); the 1-token floor never binds here."""
+    algo = AlgorithmConfig(name="bppo", prefix=mode, prefix_min_tokens=1)
+    groups = [_group("a", [True, False, False, True], [6, 2, 4, 8]), _group("b", [False, True, True, False],
+                                                                           [12, 5, 7, 9])]
+    batch = build_update_batch(groups, algo, PrefixRule(mode=mode, min_tokens=1), step=1)
+    assert dict(zip(batch.origin, batch.keep_lengths)) == keep
+    for (gi, ci), seq, k in zip(batch.origin, batch.sequences, batch.keep_lengths):
+        assert seq.tolist() == [1, 2, 3] + list(groups[gi].completions[ci].token_ids[:k])
+    assert batch.counts["selected_response_tokens_full"] == 6 + 2 + 5 + 9
+
+
 def _batch(num_groups=6, algo=None):
     algo = algo or AlgorithmConfig(name="grpo")
     groups = [_group(f"g{g}", [i % 2 == g % 2 for i in range(4)], [3 + g, 5, 2, 4 + g]) for g in range(num_groups)]

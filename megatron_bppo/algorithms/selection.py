@@ -25,6 +25,7 @@ import torch
 
 SELECTORS: Dict[str, Callable[..., "SelectionResult"]] = {}
 PAIR_WEIGHTINGS = ("none", "class_total", "contrast")
+PAIR_SELECTORS = ("binary", "random_pair")       # one correct + one incorrect per mixed group, nothing otherwise
 
 
 @dataclass
