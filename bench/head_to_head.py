@@ -180,9 +180,9 @@ def job_steps(protocol, kind) -> int:
     return 0 if kind == "base" else protocol["lr_steps"] if kind in ("lr", "probe") else protocol["steps"]
 
 
-def job_command(protocol, model, path, kind, arm, seed, lr):
+def job_command(protocol, model, path, kind, arm, seed, lr, dump_batches=False):
     steps = job_steps(protocol, kind)
-    overrides = [*protocol["task"], "eval.samples=0", f"checkpoint.dir={path}/checkpoints",
+    overrides = [*protocol["task"], "eval.samples=0", *(["train.dump_batches=true"] if dump_batches else []), f"checkpoint.dir={path}/checkpoints",
                  f"checkpoint.save_interval={protocol['checkpoint_interval']}", "checkpoint.keep_last=1",
                  "checkpoint.allow_fresh_start=true", f"train.export_hf={str(has_final_eval(kind)).lower()}"]
     if kind == "base":
@@ -238,12 +238,12 @@ def summarize_run(name, kind, arm, seed, lr, path, protocol, command, final, wal
             "train_seconds": elapsed, "checks": checks, "step_series": steps, "final": final}
 
 
-def run_job(job, protocol, model, runs_dir, results, chosen):
+def run_job(job, protocol, model, runs_dir, results, chosen, dump_batches=False):
     name, kind, arm, seed, lr = job
     if kind in ("main", "probe"):         # the arm's chosen LR (select_lrs)
         lr = chosen[arm][0]
     path = os.path.join(runs_dir, name)
-    cmd = job_command(protocol, model, path, kind, arm, seed, lr)
+    cmd = job_command(protocol, model, path, kind, arm, seed, lr, dump_batches)
     fresh = not os.path.isdir(os.path.join(path, "checkpoints"))
     started, git = time.time(), git_state()             # the code this launch runs (not the tree at its end)
     code, _ = run_logged(cmd, path, fresh=fresh)
@@ -587,6 +587,9 @@ def parse_args(argv=None):
     p.add_argument("--extend", action="store_true",
                    help="run --arms at every one of --seeds, beyond the protocol's seeds per arm (section 6.7)")
     p.add_argument("--plan", action="store_true", help="list the jobs, done or not, and the estimated hours left")
+    p.add_argument("--dump-batches", action="store_true",
+                   help="also write each step's groups and trained sequences to <runs>/<job>/batches "
+                        "(train.dump_batches=true: changes no number; for bench/pair_diagnostics.py)")
     p.add_argument("--analyze-only", action="store_true")
     args = p.parse_args(argv)
     known = PROBE_ARMS if args.phase == "probe" else ALL_ARMS
@@ -641,7 +644,7 @@ def main(argv=None):
             continue
         print(f"[h2h] {i}/{len(todo)} {name}: running" + (f" at lr {chosen[arm][0]}" if chosen else ""), flush=True)
         started = time.time()
-        code, status = run_job(job, PROTOCOL, model, args.runs, results, chosen)
+        code, status = run_job(job, PROTOCOL, model, args.runs, results, chosen, args.dump_batches)
         print(f"[h2h] {i}/{len(todo)} {name}: {status} in {time.time() - started:.0f}s", flush=True)
         if code == 75:               # stopped by a signal after saving: the user wants the sweep to stop
             return code
