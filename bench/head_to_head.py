@@ -180,7 +180,8 @@ def job_steps(protocol, kind) -> int:
     return 0 if kind == "base" else protocol["lr_steps"] if kind in ("lr", "probe") else protocol["steps"]
 
 
-def job_command(protocol, model, path, kind, arm, seed, lr, dump_batches=False):
+def job_command(protocol, model, path, kind, arm, seed, lr, dump_batches=False, arm_overrides=None):
+    arm_overrides = ARM_OVERRIDES if arm_overrides is None else arm_overrides
     steps = job_steps(protocol, kind)
     overrides = [*protocol["task"], "eval.samples=0", *(["train.dump_batches=true"] if dump_batches else []), f"checkpoint.dir={path}/checkpoints",
                  f"checkpoint.save_interval={protocol['checkpoint_interval']}", "checkpoint.keep_last=1",
@@ -188,7 +189,7 @@ def job_command(protocol, model, path, kind, arm, seed, lr, dump_batches=False):
     if kind == "base":
         overrides += ["eval.at_start=false"]            # finish() evaluates once: the step-0 check
     else:
-        overrides += ["eval.at_start=false", *ARM_OVERRIDES[arm], f"optim.lr={lr}"]
+        overrides += ["eval.at_start=false", *arm_overrides[arm], f"optim.lr={lr}"]
     cmd = train_command(model, path, config=protocol["config"], nproc=2, steps=steps,
                         eval_interval=protocol["check_interval"], eval_size=protocol["check_size"], seed=seed,
                         data_seed=protocol["data_seed"], overrides=overrides)
@@ -216,7 +217,7 @@ def task_preset(protocol):
     return next(o for o in protocol["task"] if o.startswith("data.train=")).split(":", 1)[1]
 
 
-def summarize_run(name, kind, arm, seed, lr, path, protocol, command, final, wall_s, git):
+def summarize_run(name, kind, arm, seed, lr, path, protocol, command, final, wall_s, git, overrides=None):
     """metrics.jsonl (+ the final evaluation) -> the small summary that is committed."""
     from megatron_bppo.metrics import read_metrics
 
@@ -233,17 +234,20 @@ def summarize_run(name, kind, arm, seed, lr, path, protocol, command, final, wal
                            "length_median": r.get("eval/response_length/median"),
                            "prompts": r.get("eval/prompts")})
     return {"run": name, "kind": kind, "arm": arm, "seed": seed, "lr": lr, "data_seed": protocol["data_seed"],
-            "steps": len(steps), "protocol": protocol, "overrides": ARM_OVERRIDES.get(arm, []), "command": command,
+            "steps": len(steps), "protocol": protocol, "overrides": list(ARM_OVERRIDES.get(arm, []) if overrides is None else overrides), "command": command,
             "git": git, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": wall_s,
             "train_seconds": elapsed, "checks": checks, "step_series": steps, "final": final}
 
 
-def run_job(job, protocol, model, runs_dir, results, chosen, dump_batches=False):
+def run_job(job, protocol, model, runs_dir, results, chosen, dump_batches=False, arm_overrides=None):
+    """One job: train, evaluate (base / main), write <results>/<name>.json. `arm_overrides`: arm -> overrides
+    (default: this protocol's ARM_OVERRIDES; bench/prefix_study.py passes its own arms)."""
     name, kind, arm, seed, lr = job
+    arm_overrides = ARM_OVERRIDES if arm_overrides is None else arm_overrides
     if kind in ("main", "probe"):         # the arm's chosen LR (select_lrs)
         lr = chosen[arm][0]
     path = os.path.join(runs_dir, name)
-    cmd = job_command(protocol, model, path, kind, arm, seed, lr, dump_batches)
+    cmd = job_command(protocol, model, path, kind, arm, seed, lr, dump_batches, arm_overrides)
     fresh = not os.path.isdir(os.path.join(path, "checkpoints"))
     started, git = time.time(), git_state()             # the code this launch runs (not the tree at its end)
     code, _ = run_logged(cmd, path, fresh=fresh)
@@ -263,7 +267,8 @@ def run_job(job, protocol, model, runs_dir, results, chosen, dump_batches=False)
         with open(out_json) as f:
             final = json.load(f)
         cmd = cmd + ["&&"] + ecmd
-    summary = summarize_run(name, kind, arm, seed, lr, path, protocol, cmd, final, time.time() - started, git)
+    summary = summarize_run(name, kind, arm, seed, lr, path, protocol, cmd, final, time.time() - started, git,
+                            arm_overrides.get(arm, []))
     tmp = os.path.join(results, f".{name}.json.tmp")
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
@@ -328,12 +333,15 @@ def with_base(summary, base):
     return summary
 
 
-def analyze(summaries, protocol=None):
+def analyze(summaries, protocol=None, arms=None):
+    """`arms`: the arm names in table order (default: this protocol's ALL_ARMS; bench/prefix_study.py passes its
+    own, with the reused grpo / bppo summaries among `summaries`)."""
     protocol = protocol or PROTOCOL
+    arms = list(ALL_ARMS) if arms is None else list(arms)
     base = summaries.get("base")
-    arms_present = [a for a in ALL_ARMS if any(s["kind"] == "main" and s["arm"] == a for s in summaries.values())]
+    arms_present = [a for a in arms if any(s["kind"] == "main" and s["arm"] == a for s in summaries.values())]
     out = {"protocol": protocol, "lr": {}, "runs": {}, "vs_grpo": {}, "criteria": {}, "vs_bppo": {}}
-    chosen = select_lrs(summaries, protocol, list(ALL_ARMS))
+    chosen = select_lrs(summaries, protocol, arms)
     for a, (lr, scores) in chosen.items():
         out["lr"][a] = {"chosen": lr, "swept_as": protocol["lr_from"].get(a, a),
                         "scores": {lr_tag(k): v for k, v in scores.items()}}
@@ -500,14 +508,20 @@ def paired_table(entries, ref, to_target=False):
     return rows
 
 
-def plot(result, path):
+def plot(result, path, arms=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = list(ALL_ARMS)
-    palette = ("tab:red", "tab:blue", "tab:cyan", "tab:purple", "tab:green", "tab:orange", "tab:brown", "tab:olive")
-    colors = dict(zip(arms, palette))                  # one color per arm: the palette covers every arm
+    arms = list(ALL_ARMS if arms is None else arms)
+    palette = ("tab:red", "tab:blue", "tab:cyan", "tab:purple", "tab:green", "tab:orange", "tab:brown", "tab:olive",
+               "tab:pink", "tab:gray")
+    if len(arms) > len(palette):                       # more arms than colors: color only those that ran
+        ran = {r["arm"] for r in result["runs"].values()}
+        arms = [a for a in arms if a in ran]
+    if len(arms) > len(palette):
+        raise ValueError(f"{len(arms)} arms ran but {len(palette)} colors: add colors to plot()'s palette")
+    colors = dict(zip(arms, palette))                  # one color per arm, fixed by the arm order
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     for name, r in result["runs"].items():
         c = colors[r["arm"]]

@@ -277,7 +277,8 @@ class AlgorithmConfig:
         if mode in PAIR_PREFIX_MODES and self.resolved_selector() not in PAIR_SELECTORS:
             raise ConfigError(f"algorithm.prefix={mode} cuts both members of the selected pair to a length taken "
                               f"from the pair, but algorithm.selector resolves to {self.resolved_selector()!r} "
-                              f"(algorithm.name={self.name}), which selects no pair: use a pair selector "
+                              f"(algorithm.name={self.name}), which does not select exactly one correct and one "
+                              f"incorrect completion per mixed group: use a pair selector "
                               f"({' / '.join(PAIR_SELECTORS)}), or a per-response prefix (ratio / fixed / full)")
         if mode == "ratio" and not self.prefix_schedule and not 0 < self.prefix_ratio <= 1:
             raise ConfigError(f"algorithm.prefix_ratio={self.prefix_ratio}: must be in (0, 1]")

@@ -92,7 +92,8 @@ def test_bad_config_names_key_and_fix(overrides, message):
     (["train.steps=-5"], "train.steps=-5: must be >= 0"),
     (["algorithm.name=grpo", "algorithm.prefix=pair"],
      "algorithm.prefix=pair cuts both members of the selected pair to a length taken from the pair, but "
-     "algorithm.selector resolves to 'all' (algorithm.name=grpo), which selects no pair: use a pair selector"),
+     "algorithm.selector resolves to 'all' (algorithm.name=grpo), which does not select exactly one correct and one "
+     "incorrect completion per mixed group: use a pair selector"),
     (["algorithm.selector=max_variance_pairs", "algorithm.prefix=to_correct"],
      "algorithm.prefix=to_correct cuts both members"),
     (["algorithm.prefix=pair", "algorithm.prefix_schedule=[[0,0.5]]"],

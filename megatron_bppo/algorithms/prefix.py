@@ -12,8 +12,9 @@
 The pair modes (PAIR_MODES) need each group's selected completions: ``rule.group_lengths(lengths, correct, mask)``
 (the batch builder's one call) computes the reference length per group, L+ / L- being the shortest selected
 correct / incorrect response of the group (a pair selector selects one of each); the per-response modes ignore the
-group. A group whose selection lacks the class a mode refers to keeps its responses whole (to_correct without a
-selected correct completion; cannot happen with the pair selectors, which select both classes or nothing).
+group. A group whose selection lacks the class a mode refers to (to_correct without a selected correct completion;
+cannot happen with the pair selectors, which select both classes or nothing) cuts its responses at max_tokens
+only. "Whole" below always means: up to max_tokens, when a ceiling is set.
 
 So 1 <= k <= L for every non-empty response: the response length wins over ``min_tokens`` (a response shorter
 than the floor is kept whole). ``schedule`` makes the mode's main value (``ratio`` or ``tokens``) a function
@@ -138,11 +139,13 @@ class PrefixRule:
             raise ValueError(f"lengths, correct and mask must have one shape [num_groups, G], got {tuple(L.shape)}, "
                              f"{tuple(correct.shape)}, {tuple(mask.shape)}")
         reference = None
-        if self.mode in PAIR_MODES:
+        if self.mode in PAIR_MODES and L.numel():
             members = mask & correct if self.mode == "to_correct" else mask
             big = torch.full_like(L, torch.iinfo(torch.long).max)
             shortest = torch.where(members, L, big).min(dim=1, keepdim=True).values       # L+ or min(L+, L-)
             reference = torch.where(shortest == big, L, shortest.expand_as(L))          # no such member: whole
+        if not L.numel():
+            return torch.zeros_like(L)
         k = self.lengths(L, step, reference)
         return torch.where(mask, k, torch.zeros_like(k))
 

@@ -32,6 +32,24 @@ class RolloutEngineError(RuntimeError):
     """The engine could not do what was asked; the message names the setting to change."""
 
 
+def eos_token_ids(model_path: str, tokenizer=None) -> frozenset:
+    """The token ids that end a completion, as vLLM takes them (vllm 0.32.0 sampling_params.py
+    update_from_generation_config): the tokenizer's eos_token_id (none without a tokenizer) plus
+    generation_config.json's eos_token_id (an int or a list). The transformers engine stops on the same set."""
+    from transformers import GenerationConfig
+
+    eos = set()
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    try:
+        generation = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except (OSError, ValueError):
+        generation = None
+    if generation is not None:
+        eos.update([generation] if isinstance(generation, int) else map(int, generation))
+    return frozenset(eos)
+
+
 @dataclass
 class Completion:
     prompt_index: int                     # index into the prompt list given to generate()

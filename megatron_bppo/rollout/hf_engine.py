@@ -52,7 +52,8 @@ import torch
 
 from ..config import RolloutConfig, SamplingConfig
 from ..errors import ConfigError
-from .engine import Completion, RolloutEngine, RolloutEngineError, SampleRequest, WeightUpdateStats
+from .engine import (Completion, RolloutEngine, RolloutEngineError, SampleRequest, WeightUpdateStats,
+                     eos_token_ids)
 from .placement import ReplicaLayout, assign, gather, replica_layout, replica_requests
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,7 +131,7 @@ class HFEngine(RolloutEngine):
 
     def __init__(self, model_path: str, cfg: Optional[RolloutConfig] = None, dtype: str = "float32",
                  trust_remote_code: bool = False, skip_tokenizer: bool = False, hf_config=None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..distributed import detect_launch
         from ..model.bridge import read_hf_config
@@ -168,18 +169,7 @@ class HFEngine(RolloutEngine):
                                      f"{cfg.load_format}): {type(e).__name__}: {e}") from e
         self.tokenizer = None if skip_tokenizer else AutoTokenizer.from_pretrained(
             model_path, trust_remote_code=trust_remote_code)
-        # EOS as vLLM takes it (vllm 0.32.0 sampling_params.py update_from_generation_config): the tokenizer's
-        # eos_token_id (none without a tokenizer) plus generation_config.json's eos_token_id (int or list)
-        eos = set()
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(int(self.tokenizer.eos_token_id))
-        try:
-            generation = GenerationConfig.from_pretrained(model_path).eos_token_id
-        except (OSError, ValueError):
-            generation = None
-        if generation is not None:
-            eos.update([generation] if isinstance(generation, int) else map(int, generation))
-        self.eos_token_ids = frozenset(eos)
+        self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)      # EOS as vLLM takes it
         # parameters by every name they answer to (a tied lm_head.weight is embed_tokens.weight), and once each
         self._params = dict(self.model.named_parameters(remove_duplicate=False))
         self._unique = {id(p): (name, p) for name, p in self.model.named_parameters()}
