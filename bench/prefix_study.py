@@ -61,7 +61,7 @@ LONG_AFTER = 10
 REPRO = ("repro-bppo-s3", "bppo", 3)
 REUSED = [f"{a}-s{s}" for a in ("grpo", "bppo") for s in (0, 1, 2, 3)]   # from bench/results/h2h, after REPRO
 # hours per job, docs/benchmarks.md section 8's budget: (expected, upper) from section 6's measured wall times
-HOURS = {"grpo": (0.70, 0.82), "bppo": (0.55, 0.80), "candidate": (0.50, 0.80)}
+HOURS = {"grpo": (0.70, 0.82), "bppo": (0.55, 0.65), "candidate": (0.50, 0.80)}
 REPRODUCED_KEYS = ("samples", "rollout/tokens_generated", "selected/tokens", "loss")
 
 
@@ -289,7 +289,8 @@ def main(argv=None):
                   + ("  done" if j[0] in summaries else ""))
         print(f"[study] {len(todo) - len(left)}/{len(todo)} known jobs done; {sum(job_hours(j)[0] for j in left):.1f}"
               f" h expected, {sum(job_hours(j)[1] for j in left):.1f} h at most"
-              + (f"; phase '{waiting}' and later wait on the results before it" if waiting else ""))
+              + (f"; phase '{waiting}' and later wait on the results before it" if waiting else "")
+              + f" (hours at section 6's speed; the reproduction ran {machine_speed(summaries):.2f}x its time)")
         return 0
     from megatron_bppo.model.smollm2 import model_dir_or_default
 
