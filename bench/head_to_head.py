@@ -183,7 +183,8 @@ def job_steps(protocol, kind) -> int:
 def job_command(protocol, model, path, kind, arm, seed, lr, dump_batches=False, arm_overrides=None):
     arm_overrides = ARM_OVERRIDES if arm_overrides is None else arm_overrides
     steps = job_steps(protocol, kind)
-    overrides = [*protocol["task"], "eval.samples=0", *(["train.dump_batches=true"] if dump_batches else []), f"checkpoint.dir={path}/checkpoints",
+    overrides = [*protocol["task"], "eval.samples=0", *(["train.dump_batches=true"] if dump_batches else []),
+                 f"checkpoint.dir={path}/checkpoints",
                  f"checkpoint.save_interval={protocol['checkpoint_interval']}", "checkpoint.keep_last=1",
                  "checkpoint.allow_fresh_start=true", f"train.export_hf={str(has_final_eval(kind)).lower()}"]
     if kind == "base":
@@ -234,7 +235,8 @@ def summarize_run(name, kind, arm, seed, lr, path, protocol, command, final, wal
                            "length_median": r.get("eval/response_length/median"),
                            "prompts": r.get("eval/prompts")})
     return {"run": name, "kind": kind, "arm": arm, "seed": seed, "lr": lr, "data_seed": protocol["data_seed"],
-            "steps": len(steps), "protocol": protocol, "overrides": list(ARM_OVERRIDES.get(arm, []) if overrides is None else overrides), "command": command,
+            "steps": len(steps), "protocol": protocol,
+            "overrides": list(ARM_OVERRIDES.get(arm, []) if overrides is None else overrides), "command": command,
             "git": git, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": wall_s,
             "train_seconds": elapsed, "checks": checks, "step_series": steps, "final": final}
 

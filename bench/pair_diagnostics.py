@@ -239,7 +239,8 @@ def report(label: str, result: dict) -> str:
     for r in result["steps"]:
         cand = " ".join(fmt(r[f"cand/{n}/pressure"], "+.2f") for n in CANDIDATES)
         lines.append(f"{r['step']} | {r['mixed']} | {fmt(r['solve_rate'])} ({fmt(r['solve_rate_mixed'])}) | "
-                     f"{r['sampled_length']:.0f} {1 / r['stop_hazard'] if r['stop_hazard'] else float('inf'):.0f} | {fmt(r.get('a_plus'))} {fmt(r.get('a_minus'))} "
+                     f"{r['sampled_length']:.0f} {1 / r['stop_hazard'] if r['stop_hazard'] else float('inf'):.0f} | "
+                     f"{fmt(r.get('a_plus'))} {fmt(r.get('a_minus'))} "
                      f"{fmt(r.get('a_sum'), '+.2f')} | {fmt(r.get('length_plus'), '.0f')} "
                      f"{fmt(r.get('length_minus'), '.0f')} | {fmt(r.get('minus_shorter'))} | "
                      f"{fmt(r.get('plus_answer'))}/{fmt(r.get('plus_eos'))} | "

@@ -51,7 +51,8 @@ def test_pressure_matches_the_closed_forms(diag):
     for name, kw in configs.items():
         algo = AlgorithmConfig(name="bppo", prefix_min_tokens=1, **kw)
         batch = build_update_batch(groups, algo, prefix_rule(algo), step=1)
-        assert diag.pressure(batch, groups, {EOS}, h) == pytest.approx(expected[name], rel=1e-5), name   # adv_eps = 1e-6
+        # rel: the advantages divide by std + adv_eps (1e-6)
+        assert diag.pressure(batch, groups, {EOS}, h) == pytest.approx(expected[name], rel=1e-5), name
     # GRPO: h G sigma (mean correct length - mean wrong length) + the capped samples' advantages
     grpo = AlgorithmConfig(name="grpo")
     batch = build_update_batch(groups, grpo, prefix_rule(grpo), step=1)

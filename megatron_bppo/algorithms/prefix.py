@@ -9,12 +9,12 @@
                                                         length: the correct one whole (its answer and EOS)
     then always  k = min(k, L)  and  k = max(k, 1)   for L >= 1;   k = 0 for an empty response (L = 0).
 
-The pair modes (PAIR_MODES) need each group's selected completions: ``rule.group_lengths(lengths, correct, mask)``
-(the batch builder's one call) computes the reference length per group, L+ / L- being the shortest selected
-correct / incorrect response of the group (a pair selector selects one of each); the per-response modes ignore the
-group. A group whose selection lacks the class a mode refers to (to_correct without a selected correct completion;
-cannot happen with the pair selectors, which select both classes or nothing) cuts its responses at max_tokens
-only. "Whole" below always means: up to max_tokens, when a ceiling is set.
+The pair modes (PAIR_PREFIX_MODES) need each group's selected completions:
+``rule.group_lengths(lengths, correct, mask)`` (the batch builder's one call) computes the reference length per
+group, L+ / L- being the shortest selected correct / incorrect response of the group (a pair selector selects one
+of each); the per-response modes ignore the group. A group whose selection lacks the class a mode refers to
+(to_correct without a selected correct completion; cannot happen with the pair selectors, which select both
+classes or nothing) cuts its responses at max_tokens only. "Whole" always means: up to max_tokens, when set.
 
 So 1 <= k <= L for every non-empty response: the response length wins over ``min_tokens`` (a response shorter
 than the floor is kept whole). ``schedule`` makes the mode's main value (``ratio`` or ``tokens``) a function
@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 PREFIX_MODES = ("ratio", "fixed", "full", "pair", "to_correct")
-PAIR_MODES = ("pair", "to_correct")           # need the group's selected pair (config: a pair selector)
+PAIR_PREFIX_MODES = ("pair", "to_correct")    # need the group's selected pair (config: a pair selector)
 
 
 def _check_value(mode: str, value, field: str) -> None:
@@ -75,7 +75,7 @@ class PrefixRule:
                 raise ValueError(f"prefix max_tokens must be an integer >= min_tokens ({self.min_tokens}), "
                                  f"got {self.max_tokens!r}")
         if self.schedule is not None:
-            if self.mode in ("full", *PAIR_MODES):
+            if self.mode in ("full", *PAIR_PREFIX_MODES):
                 raise ValueError(f"prefix schedule is meaningless with mode={self.mode!r}; remove it or use "
                                  "ratio/fixed")
             pts = tuple((s, v) for s, v in self.schedule)
@@ -97,7 +97,7 @@ class PrefixRule:
     def value_at(self, step: Optional[int]) -> Optional[float]:
         """The ratio (ratio mode) or token count (fixed mode) in force at ``step``; None for full and the pair
         modes."""
-        if self.mode in ("full", *PAIR_MODES):
+        if self.mode in ("full", *PAIR_PREFIX_MODES):
             return None
         if self.schedule is not None:
             if step is None:
@@ -111,7 +111,7 @@ class PrefixRule:
         L = _lengths_tensor(response_lengths, "response_lengths")
         if self.mode == "full":
             return L.clone()
-        if self.mode in PAIR_MODES:
+        if self.mode in PAIR_PREFIX_MODES:
             if reference is None:
                 raise ValueError(f"prefix mode={self.mode!r} cuts to a length taken from the selected pair: pass "
                                  "reference (PrefixRule.group_lengths computes it)")
@@ -138,14 +138,14 @@ class PrefixRule:
         if L.dim() != 2 or correct.shape != L.shape or mask.shape != L.shape:
             raise ValueError(f"lengths, correct and mask must have one shape [num_groups, G], got {tuple(L.shape)}, "
                              f"{tuple(correct.shape)}, {tuple(mask.shape)}")
+        if not L.numel():
+            return torch.zeros_like(L)
         reference = None
-        if self.mode in PAIR_MODES and L.numel():
+        if self.mode in PAIR_PREFIX_MODES:
             members = mask & correct if self.mode == "to_correct" else mask
             big = torch.full_like(L, torch.iinfo(torch.long).max)
             shortest = torch.where(members, L, big).min(dim=1, keepdim=True).values       # L+ or min(L+, L-)
             reference = torch.where(shortest == big, L, shortest.expand_as(L))          # no such member: whole
-        if not L.numel():
-            return torch.zeros_like(L)
         k = self.lengths(L, step, reference)
         return torch.where(mask, k, torch.zeros_like(k))
 
