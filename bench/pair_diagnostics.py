@@ -37,7 +37,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 
 import torch
 
@@ -59,12 +58,11 @@ CANDIDATES = {"as run": [], **STUDY_CANDIDATES}
 GSM8K_ORDER = ("hash", "boxed", "last_number")      # the gsm8k reward's extraction order (rewards/math.py)
 
 
-def algorithm_config(run_algo: dict, overrides: list[str]):
-    """The run's saved algorithm section plus `overrides`, validated as the trainer would."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:       # JSON is YAML: the trainer's own loader
-        json.dump({"algorithm": run_algo}, f)
-        f.flush()
-        return load_config(f.name, list(overrides)).algorithm
+def algorithm_configs(run_dir: str, candidates) -> dict:
+    """name -> the run's algorithm section (its saved config.json, which JSON makes valid YAML for the trainer's
+    own loader) plus the candidate's overrides, validated as the trainer would."""
+    path = os.path.join(run_dir, "config.json")
+    return {name: load_config(path, list(overrides)).algorithm for name, overrides in candidates.items()}
 
 
 def load_groups(dump) -> list[Group]:
@@ -118,7 +116,8 @@ def check_replay(batch, dump, step):
                          "settings than the run's?)")
 
 
-def diagnose_step(groups, algo, candidates, step, step_seed, tokenizer, eos_ids, dump=None) -> dict:
+def diagnose_step(groups, algo, candidates: dict, step, step_seed, tokenizer, eos_ids, dump=None) -> dict:
+    """One dumped step: `algo` the run's algorithm section, `candidates` name -> algorithm section to replay."""
     _, correct, lengths, valid = dense(groups)
     n = valid.sum(1).clamp(min=1)
     p = correct.sum(1) / n
@@ -155,8 +154,7 @@ def diagnose_step(groups, algo, candidates, step, step_seed, tokenizer, eos_ids,
     pairs_n = max(int(mixed.sum()), 1)
     row["pressure"] = pressure(batch, groups, eos_ids, h) / pairs_n
     row["grpo_pressure"] = grpo_pressure(groups, algo, eos_ids, h) / pairs_n
-    for name, overrides in candidates.items():
-        cand = algorithm_config(dataclasses.asdict(algo), overrides)
+    for name, cand in candidates.items():
         cb = build_update_batch(groups, cand, prefix_rule(cand), step, step_seed)
         row[f"cand/{name}/pressure"] = pressure(cb, groups, eos_ids, h) / pairs_n
         row[f"cand/{name}/trained_tokens"] = cb.tokens
@@ -183,11 +181,12 @@ def diagnose_run(run_dir: str, candidates=CANDIDATES) -> dict:
         raise SystemExit(f"no batches/step_*.pt in {run_dir}: train with train.dump_batches=true")
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"]["path"])
     eos_ids = eos_token_ids(cfg["model"]["path"], tokenizer) | set(cfg["sampling"].get("stop_token_ids") or [])
-    algo = algorithm_config(cfg["algorithm"], [])
+    configs = algorithm_configs(run_dir, candidates)
+    algo = configs["as run"]
     steps = []
     for path in paths:
         dump, step = torch.load(path, weights_only=True), int(os.path.basename(path)[5:-3])
-        steps.append(diagnose_step(load_groups(dump), algo, candidates, step,
+        steps.append(diagnose_step(load_groups(dump), algo, configs, step,
                                    rollout_step_seed(cfg["sampling"]["seed"], step), tokenizer, eos_ids, dump))
     checks = [{"step": r["step"], "accuracy": r["eval/accuracy"], "length": r.get("eval/response_length/mean")}
               for r in read_metrics(run_dir) if "eval/accuracy" in r]
