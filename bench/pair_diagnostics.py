@@ -28,7 +28,9 @@ and for each candidate replayed on the same groups: its pressure per mixed group
 against the pairs' full response tokens (the learner savings), and GRPO's pressure (every sample whole).
 
 The check of the derivation: per run, the correlation over steps between the as-run pressure at step t and the
-change of the mean sampled length from step t to t + 1, and the share of steps where their signs agree.
+change of the mean sampled length from step t to t + 1, and the share of steps where their signs agree; and the
+same between consecutive checks (the pressure summed over the steps between them against the change of the greedy
+check length, measured on the same held-out prompts each time).
 """
 import argparse
 import dataclasses
@@ -40,9 +42,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the package
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                    # bench/prefix_study.py
 
 from megatron_bppo.batch import ADVANTAGE, Group, build_update_batch, dense, prefix_rule  # noqa: E402
 from megatron_bppo.config import load_config  # noqa: E402
@@ -132,12 +133,12 @@ def diagnose_step(groups, algo, candidates: dict, step, step_seed, tokenizer, eo
            "solve_rate_mixed": float(p[mixed].mean()) if mixed.any() else None}
     pairs = {}
     for f, k, (gi, ci) in zip(batch.fields, batch.keep_lengths, batch.origin):
-        pairs.setdefault(gi, {})["plus" if groups[gi].correct[ci] else "minus"] = (ci, k, float(f["adv"][0]))
-    full_pairs = [x for x in pairs.values() if len(x) == 2]
+        pairs.setdefault(gi, {})["plus" if groups[gi].correct[ci] else "minus"] = (ci, k, float(f[ADVANTAGE][0]))
+    full_pairs = {gi: x for gi, x in pairs.items() if len(x) == 2}       # groups with both members trained
     if full_pairs:
         stats = {"a_plus": [], "a_minus": [], "minus_shorter": [], "plus_answer": [], "plus_eos": [],
                  "minus_answer": [], "minus_eos": [], "length_plus": [], "length_minus": []}
-        for gi, x in ((gi, x) for gi, x in pairs.items() if len(x) == 2):
+        for gi, x in full_pairs.items():
             comps = groups[gi].completions
             for side in ("plus", "minus"):
                 ci, k, a = x[side]

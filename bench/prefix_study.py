@@ -12,7 +12,7 @@ summary format), in this order:
             committed grpo / bppo summaries of seeds 0-3 are reused
   screen    every CANDIDATE at SCREEN_SEEDS (0 and 3, where the half prefix went long)
   explore   the EXPLORE_TOP best screened candidates (rank_candidates) at EXPLORE_SEEDS (1, 2); only the best one
-            when the screen took more than SCREEN_HOURS_MAX (the drop rule)
+            when the screen trained for more than SCREEN_TRAIN_HOURS_MAX at section 6's speed (the drop rule)
   confirm   the chosen candidate (choose_candidate over seeds 0-3) and grpo at CONFIRM_SEEDS (4-11), today's default
             (bppo) at DEFAULT_SEEDS (4-7): seeds nobody has looked at
   optional  the chosen candidate at 8 prompts per step, seeds 4-7 (run only with --optional, after confirm)
@@ -59,6 +59,7 @@ DEFAULT_SEEDS = [4, 5, 6, 7]
 LONG_TOKENS = 100
 LONG_AFTER = 10
 REPRO = ("repro-bppo-s3", "bppo", 3)
+COMMITTED = f"{REPRO[1]}-s{REPRO[2]}:committed"   # the committed run the reproduction reruns (load_all adds it)
 REUSED = [f"{a}-s{s}" for a in ("grpo", "bppo") for s in (0, 1, 2, 3)]   # from bench/results/h2h, after REPRO
 # hours per job, docs/benchmarks.md section 8's budget: (expected, upper) from section 6's measured wall times
 HOURS = {"grpo": (0.70, 0.82), "bppo": (0.55, 0.65), "candidate": (0.50, 0.80)}
@@ -89,7 +90,7 @@ def rank_candidates(summaries, seeds):
 def machine_speed(summaries) -> float:
     """This study's machine time per section 6 machine time: the reproduction's training seconds over the
     committed run's (the same samples and tokens at every step, so the ratio is the machines' speed)."""
-    repro, committed = summaries.get(REPRO[0]), summaries.get(f"{REPRO[1]}-s{REPRO[2]}:committed")
+    repro, committed = summaries.get(REPRO[0]), summaries.get(COMMITTED)
     return repro["train_seconds"] / committed["train_seconds"] if repro and committed else 1.0
 
 
@@ -140,7 +141,7 @@ def decide(summaries, chosen):
 def repro_state(summaries):
     """'pending' (no reproduction yet), 'reproduced' (the committed seeds 0-3 are reused) or 'failed' (the study
     reruns grpo and bppo at seeds 0-3 itself: section 8.4)."""
-    repro, committed = summaries.get(REPRO[0]), summaries.get(f"{REPRO[1]}-s{REPRO[2]}:committed")
+    repro, committed = summaries.get(REPRO[0]), summaries.get(COMMITTED)
     if repro is None:
         return "pending"
     return "reproduced" if committed is not None and not reproduces(repro, committed) else "failed"
@@ -185,9 +186,9 @@ def load_all(results, h2h_results):
     for name, s in committed.items():
         if s["kind"] in ("base", "lr"):
             summaries.setdefault(name, s)
-    repro_of = f"{REPRO[1]}-s{REPRO[2]}"
+    repro_of = COMMITTED.split(":")[0]
     if repro_of in committed:
-        summaries[f"{repro_of}:committed"] = committed[repro_of]
+        summaries[COMMITTED] = committed[repro_of]
     if repro_state(summaries) == "reproduced":
         for name in REUSED:
             if name in committed:
@@ -223,7 +224,7 @@ def analysis(summaries, out_dir):
 
     os.makedirs(out_dir, exist_ok=True)
     repro = summaries.get(REPRO[0])
-    committed = summaries.get(f"{REPRO[1]}-s{REPRO[2]}:committed")
+    committed = summaries.get(COMMITTED)
     result = {"repro": None if repro is None or committed is None else reproduces(repro, committed),
               "machine_speed": machine_speed(summaries), "screen_ranking": rank_candidates(summaries, SCREEN_SEEDS),
               "explored": explored(summaries), "chosen": choose_candidate(summaries)}
