@@ -186,7 +186,10 @@ def job_command(protocol, model, path, kind, arm, seed, lr, dump_batches=False, 
     overrides = [*protocol["task"], "eval.samples=0", *(["train.dump_batches=true"] if dump_batches else []),
                  f"checkpoint.dir={path}/checkpoints",
                  f"checkpoint.save_interval={protocol['checkpoint_interval']}", "checkpoint.keep_last=1",
-                 "checkpoint.allow_fresh_start=true", f"train.export_hf={str(has_final_eval(kind)).lower()}"]
+                 "checkpoint.allow_fresh_start=true", f"train.export_hf={str(has_final_eval(kind)).lower()}",
+                 # sections 6 and 8 ran on the whole-micro-batch logits; chunking (issue 27) changes log-probs in
+                 # the last bits and so every trajectory: pinned so every job of both protocols reproduces
+                 "learner.logprob_chunk_tokens=0"]
     if kind == "base":
         overrides += ["eval.at_start=false"]            # finish() evaluates once: the step-0 check
     else:

@@ -111,11 +111,18 @@ class LearnerConfig:
     max_seq_len: int = 1024              # longest sequence (prompt + response) the learner accepts
     seed: int = 1234
     recompute: bool = False              # full activation recomputation
+    # real tokens per chunk of the output layer + log-softmax (learner.chunked_token_logprobs): a micro-batch's
+    # full logits are never held; peak logits memory ~ chunk x vocab/tp x 4 B per copy. 0: the model's own output
+    # layer over the whole micro-batch (the path before issue 27)
+    logprob_chunk_tokens: int = 1024
 
     def validate(self):
         if self.max_seq_len < 2:
             raise ConfigError(f"learner.max_seq_len={self.max_seq_len}: must be >= 2 (a training sequence is at "
                               "least a prompt token and a target)")
+        if self.logprob_chunk_tokens < 0:
+            raise ConfigError(f"learner.logprob_chunk_tokens={self.logprob_chunk_tokens}: must be >= 0 (0: whole "
+                              "micro-batch logits, the path before chunking; 1024 is the default)")
         if self.micro_batch_tokens < 1:
             raise ConfigError(f"learner.micro_batch_tokens={self.micro_batch_tokens}: must be >= 1")
         if self.micro_batch_tokens < self.max_seq_len:

@@ -2,13 +2,21 @@
 
     sequences (token lists, identical on every rank)
       --(plan_micro_batches: balance tokens over DP ranks, pack by length under a token budget)--> micro-batches
-      --(get_forward_backward_func: TP/PP schedule over the model chunks)--> vocab-parallel logits
-      --(mask padded vocab columns, vocab_parallel_cross_entropy: no full-vocab gather)--> per-token log-probs
+      --(get_forward_backward_func: TP/PP schedule over the model chunks)--> last stage's hidden states
+      --(output layer + mask padded vocab columns + vocab_parallel_cross_entropy, over chunks of
+         learner.logprob_chunk_tokens real tokens, each chunk's logits recomputed in the backward; no full-vocab
+         gather)--> per-token log-probs
       --(loss_fn, DDP grad reduce, distributed optimizer, grad clip, LR schedule)--> updated weights
 
 Micro-batches are padded, not packed: sequences are sorted by length and grouped so that
 batch * longest <= learner.micro_batch_tokens, which keeps padding small. Packed (THD) batches need
 TransformerEngine's fused attention, which megatron-core's local spec (the CPU path) does not support.
+
+A micro-batch's full logits ([b, S, V/tp], 0.4 GB per fp32 copy for 2048 tokens of a 49 k vocabulary, several
+copies alive in the backward) are never built unless learner.logprob_chunk_tokens=0 (the model's own output
+layer, then token_logprobs: the path before issue 27, kept for comparison). megatron-core 0.16.1 has no path
+without them: GPTModel._postprocess always runs the whole output layer (its fused-CE option is TE/CUDA-only and
+returns a loss, not per-token log-probs).
 
 Per-token tensors follow the targets: for a sequence of L tokens, index i holds log p(token[i+1] | token[:i+1]),
 so every per-token field has length L - 1.
@@ -17,11 +25,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 
 from .config import LearnerConfig, OptimConfig
 from .errors import ConfigError
@@ -113,16 +121,87 @@ def _real_vocab_size(model) -> Optional[int]:
         return None
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
-                   vocab_size: Optional[int] = None) -> torch.Tensor:
-    """[b, S, V/tp] vocab-parallel logits -> [b, S-1] log p(token[i+1]); shards are never gathered.
-    `vocab_size`: the real (HF) vocabulary when the model's is padded for TP: the log-softmax runs over the real
-    columns only (mask_padded_vocab). Learner passes it; other callers of a padded model must too."""
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    vocab_size: Optional[int] = None) -> torch.Tensor:
+    """[..., V/tp] vocab-parallel logits and [...] target ids -> [...] log p(target) at `temperature`; shards are
+    never gathered. `vocab_size`: the real (HF) vocabulary when the model's is padded for TP: the log-softmax runs
+    over the real columns only (mask_padded_vocab)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    shifted = logits[:, :-1].float() / temperature            # a fresh tensor: the CE kernel edits it in place
-    shifted = mask_padded_vocab(shifted, vocab_size)
-    return -vocab_parallel_cross_entropy(shifted.contiguous(), tokens[:, 1:].contiguous())
+    scaled = logits.float() / temperature                     # a fresh tensor: the CE kernel edits it in place
+    scaled = mask_padded_vocab(scaled, vocab_size)
+    return -vocab_parallel_cross_entropy(scaled.contiguous(), targets.contiguous())
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   vocab_size: Optional[int] = None) -> torch.Tensor:
+    """[b, S, V/tp] vocab-parallel logits -> [b, S-1] log p(token[i+1]) (target_logprobs of the shifted pair).
+    Learner passes `vocab_size`; other callers of a padded model must too."""
+    return target_logprobs(logits[:, :-1], tokens[:, 1:], temperature, vocab_size)
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    vocab_size: Optional[int]) -> torch.Tensor:
+    """One chunk: [c, h] hidden states x the output layer's [V/tp, h] weight -> [c] log-probs. The product is the
+    output layer's (a ColumnParallelLinear without bias: input @ weight.t() in the weight's dtype)."""
+    return target_logprobs(torch.matmul(hidden, weight.t()), targets, temperature, vocab_size)
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                           lengths: torch.Tensor, temperature: float = 1.0, vocab_size: Optional[int] = None,
+                           chunk_tokens: int = 1024, sequence_parallel: bool = False) -> torch.Tensor:
+    """The last stage's hidden states -> [b, S-1] log p(token[i+1]) without ever holding the micro-batch's logits.
+
+    `hidden`: [S, b, h] (under sequence parallelism this TP rank's [S/tp, b, h]), what GPTModel returns with
+    post_process off (the final layernorm is the decoder's and has run). `weight`: the output layer's [V/tp, h]
+    shard (the embedding under tied weights). Only real targets (position < length - 1) are scored; padded
+    positions hold 0 (every caller masks them). The real tokens run through the output layer and the
+    vocab-parallel log-softmax `chunk_tokens` at a time; with autograd on, each chunk is checkpointed
+    (torch.utils.checkpoint, non-reentrant): its logits are freed after the forward and recomputed in the
+    backward, so at most one chunk's logits and their gradient are alive at once.
+
+    Tensor parallelism is the output layer's own: under sequence parallelism the hidden states are all-gathered
+    first (backward: reduce-scatter), otherwise they enter the TP region by copy (backward: all-reduce), as
+    ColumnParallelLinear does. Every TP rank runs the same chunks in the same order, so the CE's collectives and
+    the recomputation's line up."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
+                                               gather_from_sequence_parallel_region)
+
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens}: must be >= 1")
+    if sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden)
+    # Float16Module returns the last stage's output upcast to fp32; back to the weight's dtype (exact: the values
+    # were bf16/fp16) so each chunk's product is the one the output layer computes
+    hidden = hidden.to(weight.dtype)
+    real = (torch.arange(tokens.shape[1] - 1, device=tokens.device).unsqueeze(0)
+            < (lengths.to(tokens.device) - 1).unsqueeze(1))                                  # [b, S-1]
+    rows = hidden.transpose(0, 1)[:, : tokens.shape[1] - 1][real]                           # [N, h], contiguous
+    if not sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1:
+        # after the transpose, not before: megatron-core 0.16.1's _CopyToModelParallelRegion.backward all-reduces
+        # grad.contiguous() and returns grad itself (tensor_parallel/mappings.py _reduce), so a non-contiguous
+        # gradient (a transpose's) would come back un-reduced; the gradient of `rows` is contiguous
+        rows = copy_to_tensor_model_parallel_region(rows)
+    targets = tokens[:, 1:][real]                                                          # [N]
+    pieces = []
+    for start in range(0, rows.shape[0], chunk_tokens):
+        args = (rows[start: start + chunk_tokens], weight, targets[start: start + chunk_tokens], temperature,
+                vocab_size)
+        if torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False,
+                                                            preserve_rng_state=False))
+        else:
+            pieces.append(_chunk_logprobs(*args))
+    out = torch.zeros(real.shape, dtype=torch.float32, device=rows.device)
+    return out.masked_scatter(real, torch.cat(pieces))
+
+
+def _output_weight(gpt) -> torch.Tensor:
+    """The output layer's weight shard of a last-stage GPTModel (the word embedding's under tied weights)."""
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
 
 
 LossFn = Callable[[torch.Tensor, MicroBatch], "tuple[torch.Tensor, dict]"]
@@ -193,13 +272,28 @@ class Learner:
                 for group in pack_by_length(mine, lengths, self.cfg.micro_batch_tokens)]
 
     def _run(self, batches: list[MicroBatch], loss_func, forward_only: bool):
+        """Megatron's schedule over `batches`; on the last stage `loss_func(micro_batch, logprobs[b, S-1])`."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.utils import get_attr_wrapped_model
+
+        chunk = self.cfg.logprob_chunk_tokens
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             positions = torch.arange(mb.tokens.shape[1], device=self.device).unsqueeze(0).expand_as(mb.tokens)
-            logits = model(input_ids=mb.tokens, position_ids=positions, attention_mask=None)
-            return logits, partial(loss_func, mb)
+            gpt = get_attr_wrapped_model(model, "post_process", return_model_obj=True)
+            if not (chunk and gpt.post_process):        # not the last stage, or learner.logprob_chunk_tokens=0
+                logits = model(input_ids=mb.tokens, position_ids=positions, attention_mask=None)
+                return logits, lambda out: loss_func(
+                    mb, token_logprobs(out, mb.tokens, self.temperature, self.vocab_size))
+            gpt.post_process = False        # GPTModel then returns its hidden states, skipping the output layer
+            try:
+                hidden = model(input_ids=mb.tokens, position_ids=positions, attention_mask=None)
+            finally:
+                gpt.post_process = True
+            return hidden, lambda out: loss_func(mb, chunked_token_logprobs(
+                out, _output_weight(gpt), mb.tokens, mb.lengths, self.temperature, self.vocab_size, chunk,
+                self.config.sequence_parallel))
 
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(batches), model=self.models,
@@ -222,8 +316,7 @@ class Learner:
             offsets.append(offsets[-1] + len(s) - 1)
         flat = torch.zeros(offsets[-1], dtype=torch.float32, device=self.device)
 
-        def collect(mb, logits):
-            lp = token_logprobs(logits, mb.tokens, self.temperature, self.vocab_size)
+        def collect(mb, lp):
             if mb.weight and self._reports_results():
                 for row, i in enumerate(mb.indices):
                     flat[offsets[i]: offsets[i + 1]] = lp[row, : offsets[i + 1] - offsets[i]]
@@ -244,8 +337,7 @@ class Learner:
         scale = len(batches) * self.ps.get_data_parallel_world_size()
         sums: dict[str, float] = {}
 
-        def loss_func(mb, logits):
-            logprobs = token_logprobs(logits, mb.tokens, self.temperature, self.vocab_size)
+        def loss_func(mb, logprobs):
             loss, metrics = loss_fn(logprobs, mb)
             loss = loss * mb.weight
             if mb.weight and self.ps.get_tensor_model_parallel_rank() == 0:
