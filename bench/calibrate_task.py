@@ -101,15 +101,16 @@ def held_out_checks(train, held_out) -> dict:
 
 
 def generate_scored(engine, prompts, n, sampling, reward_fn, reward_kwargs):
-    """engine.generate + the evaluation's scoring -> flat (correct, lengths, finish reasons, texts) and seconds."""
-    from megatron_bppo.evaluation import _score
+    """engine.generate + the evaluation's scoring (evaluation.score_completions) -> flat (correct, lengths, finish
+    reasons, texts) and seconds."""
+    from megatron_bppo.evaluation import score_completions
 
     started = time.perf_counter()
     completions = engine.generate([list(r.token_ids) for r in prompts], n, sampling)
     seconds = time.perf_counter() - started
-    correct, lengths = _score(completions, prompts, reward_fn, reward_kwargs)
-    flat = [c for samples in completions for c in samples]
-    return correct, lengths, [c.finish_reason for c in flat], [c.text for c in flat], seconds
+    flat = [r for per_prompt in score_completions(completions, prompts, reward_fn, reward_kwargs) for r in per_prompt]
+    return ([r["correct"] for r in flat], [r["length"] for r in flat], [r["finish"] for r in flat],
+            [r["response"] for r in flat], seconds)
 
 
 def length_stats(lengths, finish, max_tokens) -> dict:
@@ -136,7 +137,7 @@ def calibrate(args, preset, engine, tokenizer, model) -> dict:
     out["prompt_tokens_mean"] = statistics.fmean(len(r.token_ids) for r in held_out)
     reward_fn, kwargs = get_reward(cfg.reward.name), cfg.reward.kwargs
 
-    greedy = dataclasses.replace(cfg.sampling, temperature=0.0, top_p=1.0, seed=None)   # as evaluation.evaluate
+    greedy = dataclasses.replace(cfg.sampling, temperature=0.0, top_p=1.0, seed=None)   # as evaluation.evaluate_problems
     correct, lengths, finish, texts, seconds = generate_scored(engine, held_out, 1, greedy, reward_fn, kwargs)
     print(f"[calibrate] {preset}: greedy on {len(held_out)} held-out prompts in {seconds:.0f}s "
           f"({sum(lengths)} tokens)", flush=True)
@@ -178,31 +179,41 @@ def calibrate(args, preset, engine, tokenizer, model) -> dict:
 
 
 def final_eval(args, engine, tokenizer, model) -> dict:
-    """Greedy pass@1 per held-out problem and mean@k (see the module docstring)."""
+    """Greedy pass@1 per held-out problem and mean@k (see the module docstring): evaluation.evaluate_problems, the
+    implementation `megatron-bppo eval` and the trainer's checks use, in this file's committed format."""
     from megatron_bppo.data import prompts_from_config
+    from megatron_bppo.evaluation import evaluate_problems
     from megatron_bppo.rewards import get_reward
     from megatron_bppo.seeds import eval_seed
 
     cfg = task_config(args, args.presets[0], model)
     _, held_out = prompts_from_config(cfg, tokenizer)
-    reward_fn, kwargs = get_reward(cfg.reward.name), cfg.reward.kwargs
-    greedy = dataclasses.replace(cfg.sampling, temperature=0.0, top_p=1.0, seed=None)
-    correct, lengths, finish, _, seconds = generate_scored(engine, held_out, 1, greedy, reward_fn, kwargs)
+    marks, seconds = [time.perf_counter()], {}
+
+    def progress(phase, tokens):            # each phase's seconds: generation and scoring
+        marks.append(time.perf_counter())
+        seconds[phase] = marks[-1] - marks[-2]
+
+    problems = evaluate_problems(engine, held_out, cfg.sampling, get_reward(cfg.reward.name), cfg.reward.kwargs,
+                                 args.samples, eval_seed(args.sampling_seed), progress)    # as the trainer's checks
+    greedy = [p["greedy"] for p in problems]
+    correct, lengths = [r["correct"] for r in greedy], [r["length"] for r in greedy]
     out = {"model": model, "preset": args.presets[0], "heldout": len(held_out),
            "heldout_identities": held_out_checks([], held_out)["heldout_distinct"],
            "greedy": {"pass@1": sum(correct) / len(correct), "n": len(correct),
                       "ci95": list(wilson(sum(correct), len(correct))),
                       "bits": "".join("1" if c else "0" for c in correct), "lengths": lengths,
-                      "length": length_stats(lengths, finish, cfg.sampling.max_tokens), "seconds": seconds}}
+                      "length": length_stats(lengths, [r["finish"] for r in greedy], cfg.sampling.max_tokens),
+                      "seconds": seconds["greedy"]}}
     if args.samples > 0:
-        sampled = dataclasses.replace(cfg.sampling, seed=eval_seed(args.sampling_seed))   # as evaluation.evaluate
-        correct, lengths, finish, _, seconds = generate_scored(engine, held_out, args.samples, sampled, reward_fn,
-                                                              kwargs)
         k = args.samples
-        out["mean_at_k"] = {"k": k, "accuracy": sum(correct) / len(correct), "temperature": sampled.temperature,
-                            "seed": sampled.seed, "per_problem": [sum(correct[i * k:(i + 1) * k])
-                                                                  for i in range(len(held_out))],
-                            "length": length_stats(lengths, finish, cfg.sampling.max_tokens), "seconds": seconds}
+        flat = [r for p in problems for r in p["samples"]]
+        out["mean_at_k"] = {"k": k, "accuracy": sum(r["correct"] for r in flat) / len(flat),
+                            "temperature": cfg.sampling.temperature, "seed": eval_seed(args.sampling_seed),
+                            "per_problem": [sum(r["correct"] for r in p["samples"]) for p in problems],
+                            "length": length_stats([r["length"] for r in flat], [r["finish"] for r in flat],
+                                                   cfg.sampling.max_tokens),
+                            "seconds": seconds[f"{k} samples"]}
     return out
 
 

@@ -1,8 +1,8 @@
-"""The real sbatch scripts (slurm/train.sbatch, slurm/convert.sbatch) on a real Slurm cluster: two fake nodes on
+"""The real sbatch scripts (slurm/train.sbatch, slurm/convert.sbatch, slurm/eval.sbatch) on a real Slurm cluster: two fake nodes on
 this machine, started by slurm/local_cluster.sh (munged + slurmctld + one slurmd per node). A 2-node x 2-rank
 tiny BPPO run; a run that is signalled (SIGUSR1 to the batch shell, as --signal=B:USR1@900 does before the time
 limit), saves, requeues itself and resumes with the same per-step metrics as the uninterrupted run; a bad config
-that fails fast with the error in the job's log; a 2-node checkpoint conversion round trip.
+that fails fast with the error in the job's log; a 2-node checkpoint conversion round trip and evaluation.
 
 Jobs are polled with `scontrol show job -o` (sbatch --wait backs off to 32 s polls)."""
 import json
@@ -219,20 +219,31 @@ def test_signalled_job_saves_requeues_and_resumes_with_the_same_metrics(two_node
     print(f"preempted at step {step}, requeued and resumed: {time.time() - start:.0f} s after submission")
 
 
-def test_convert_round_trip_across_two_nodes(cluster, work, tiny_qwen2):
-    """hf-to-mcore at TP2 and mcore-to-hf at PP2, each as 2 ranks on 2 nodes; the export is bit-exact."""
+def test_convert_round_trip_and_eval_across_two_nodes(cluster, work, tiny_qwen2):
+    """hf-to-mcore at TP2 and mcore-to-hf at PP2, each as 2 ranks on 2 nodes; the export is bit-exact. The TP2
+    checkpoint evaluated by slurm/eval.sbatch at PP2 on 2 nodes (one engine replica per rank) gives the records
+    of the HF directory evaluated by one local process."""
     from safetensors.torch import load_file
 
-    mcore, back = str(work / "mcore"), str(work / "hf_back")
+    mcore, back, evaluated, local = (str(work / n) for n in ("mcore", "hf_back", "eval_2nodes", "eval_local"))
     shape = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
     first = submit(work, "to-mcore", "slurm/convert.sbatch", "hf-to-mcore", "--hf-dir", tiny_qwen2,
                    "--out-dir", mcore, "--tp", "2", sbatch_args=shape)
     second = submit(work, "to-hf", "slurm/convert.sbatch", "mcore-to-hf", "--ckpt-dir", mcore, "--out-dir", back,
                     "--pp", "2", sbatch_args=[*shape, f"--dependency=afterok:{first}"])
-    for name, job in (("to-mcore", first), ("to-hf", second)):
+    eval_args = ["--data", "arithmetic:l0", "--limit", "4", "--samples", "2", "sampling.max_tokens=8",
+                 "rollout.backend=hf", "reward.name=megatron_bppo.testing.rewards:even_length"]
+    third = submit(work, "eval", "slurm/eval.sbatch", "--model", mcore, "--out", evaluated, *eval_args,
+                   "parallel.pp=2", sbatch_args=[*shape, f"--dependency=afterok:{first}"])
+    subprocess.run([sys.executable, "-m", "megatron_bppo.cli", "eval", "--model", tiny_qwen2, "--out", local,
+                    *eval_args], check=True, capture_output=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for name, job in (("to-mcore", first), ("to-hf", second), ("eval", third)):
         info = wait_job(work, name, job, timeout=300)
         assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job_output(work, name, job)
     assert "2 node(s) [node[1-2]] = 2 ranks" in job_output(work, "to-hf", second)
+    assert "evaluation done" in job_output(work, "eval", third)
+    with open(os.path.join(evaluated, "problems.jsonl")) as a, open(os.path.join(local, "problems.jsonl")) as b:
+        assert a.read() == b.read()
     original = {}
     for f in os.listdir(tiny_qwen2):
         if f.endswith(".safetensors"):

@@ -13,14 +13,15 @@ from megatron_bppo.data.arithmetic import (PRESETS, ArithmeticLevel, ArithmeticM
 from megatron_bppo.data.chat import (BOXED_INSTRUCTION, COT_INSTRUCTION, DIRECT_INSTRUCTION, GSM8K_INSTRUCTION,
                                      INSTRUCTIONS, ChatFormat, ChatTemplateError, PromptRenderer, PromptTooLongError,
                                      RenderedPrompt, build_messages)
-from megatron_bppo.data.prompts import (open_dataset, prompt_format, prompts_fingerprint, prompts_from_config,
-                                        render_prompts)
+from megatron_bppo.data.prompts import (held_out_prompts, open_dataset, prompt_format, prompts_fingerprint,
+                                        prompts_from_config, render_prompts)
 
 __all__ = [
     "ArithmeticLevel", "ArithmeticMixture", "BOXED_INSTRUCTION", "COT_INSTRUCTION", "ChatFormat",
     "ChatTemplateError", "DIRECT_INSTRUCTION", "DatasetError", "GSM8K_INSTRUCTION", "INSTRUCTIONS", "LoadReport",
     "PRESETS", "PromptDataset", "PromptExample", "PromptRenderer", "PromptSampler", "PromptTooLongError",
-    "RenderedPrompt", "SCHEMAS", "build_messages", "generate_arithmetic", "get_preset", "open_dataset",
+    "RenderedPrompt", "SCHEMAS", "build_messages", "generate_arithmetic", "get_preset", "held_out_prompts",
+    "open_dataset",
     "problem_split", "prompt_format", "prompts_fingerprint", "prompts_from_config", "read_prompt_file", "read_rows",
     "render_prompts",
     "write_prompts_jsonl", "write_verl_parquet",

@@ -5,6 +5,7 @@
                 min(rollout.max_model_len, learner.max_seq_len) - sampling.max_tokens, data.on_too_long)
              --> RenderedPrompt
     prompts_from_config(cfg, tokenizer) -> (train prompts, held-out prompts[:data.eval_size])
+    held_out_prompts(cfg, tokenizer, source, size) -> the held-out prompts of any source (megatron-bppo eval)
     prompts_fingerprint(train prompts) -> what a checkpoint's data position means (checked on resume)
 
 A generated task's held-out prompts are its test split (seeded with data.seed + 1); a file-based train set needs
@@ -24,7 +25,8 @@ from .arithmetic import generate_arithmetic
 from .chat import INSTRUCTIONS, ChatFormat, ChatTemplateError, PromptRenderer, PromptTooLongError, RenderedPrompt
 from .datasets import DatasetError, PromptDataset, read_prompt_file
 
-__all__ = ["open_dataset", "prompt_format", "render_prompts", "prompts_from_config", "prompts_fingerprint"]
+__all__ = ["open_dataset", "prompt_format", "render_prompts", "prompts_from_config", "held_out_prompts",
+           "prompts_fingerprint"]
 
 def open_dataset(source: str | os.PathLike, *, split: str = "train", seed: int = 0, size: Optional[int] = None,
                  schema: str = "auto", heldout_fraction: float = 0.2) -> PromptDataset:
@@ -75,14 +77,13 @@ def prompts_from_config(cfg, tokenizer) -> tuple[list[RenderedPrompt], list[Rend
     generated = data.train.startswith("arithmetic")
     try:
         train = open_dataset(data.train, split="train", seed=data.seed, size=data.train_size)
-        eval_source = data.eval or (data.train if generated else "")
-        if not eval_source:
-            raise ConfigError("data.eval is empty: give a held-out prompt file (only generated tasks have "
-                              "a built-in test split)")
-        held_out = open_dataset(eval_source, split="test", seed=data.seed + HELD_OUT_SEED_OFFSET,
-                                size=data.eval_size)
     except DatasetError as e:
         raise ConfigError(f"data: {e}") from None
+    eval_source = data.eval or (data.train if generated else "")
+    if not eval_source:
+        raise ConfigError("data.eval is empty: give a held-out prompt file (only generated tasks have "
+                          "a built-in test split)")
+    held_out = held_out_prompts(cfg, tokenizer, eval_source, data.eval_size)
     repeated = sorted(i for i, n in Counter(e.id for e in train).items() if n > 1)[:5]
     if repeated:
         raise ConfigError(f"data.train={data.train!r}: prompt ids repeat ({repeated}); give every row a unique id")
@@ -90,7 +91,18 @@ def prompts_from_config(cfg, tokenizer) -> tuple[list[RenderedPrompt], list[Rend
     if data.prompts_per_step > len(train_prompts):
         raise ConfigError(f"data.prompts_per_step={data.prompts_per_step} but data.train has only "
                           f"{len(train_prompts)} usable prompts: lower it or use a larger dataset")
-    return train_prompts, render_prompts(cfg, tokenizer, held_out)[: data.eval_size]
+    return train_prompts, held_out
+
+
+def held_out_prompts(cfg, tokenizer, source: str, size: Optional[int]) -> list[RenderedPrompt]:
+    """Rendered held-out prompts of `source` (a generated task: its test split, seeded with data.seed + 1 and
+    `size` problems; a file: its first `size` rows, all when None), as the trainer's evaluation renders them."""
+    try:
+        examples = open_dataset(source, split="test", seed=cfg.data.seed + HELD_OUT_SEED_OFFSET, size=size)
+    except DatasetError as e:
+        raise ConfigError(f"data: {e}") from None
+    rendered = render_prompts(cfg, tokenizer, examples)
+    return rendered[:size] if size else rendered
 
 
 def prompts_fingerprint(prompts: Sequence) -> str:
