@@ -137,7 +137,7 @@ def calibrate(args, preset, engine, tokenizer, model) -> dict:
     out["prompt_tokens_mean"] = statistics.fmean(len(r.token_ids) for r in held_out)
     reward_fn, kwargs = get_reward(cfg.reward.name), cfg.reward.kwargs
 
-    greedy = dataclasses.replace(cfg.sampling, temperature=0.0, top_p=1.0, seed=None)   # as evaluation.evaluate_problems
+    greedy = dataclasses.replace(cfg.sampling, temperature=0.0, top_p=1.0, seed=None)   # as evaluation's
     correct, lengths, finish, texts, seconds = generate_scored(engine, held_out, 1, greedy, reward_fn, kwargs)
     print(f"[calibrate] {preset}: greedy on {len(held_out)} held-out prompts in {seconds:.0f}s "
           f"({sum(lengths)} tokens)", flush=True)

@@ -377,7 +377,8 @@ def report(part, r):
         for row, phase in enumerate(m["phase"] for m in r["memory"][names[0]]["marks"]):
             print(f"  {phase:24s}" + "".join(f"{r['memory'][n]['marks'][row]['peak_mb']:12.0f}" for n in names))
         t = r["time"]
-        print(f"  learner alone, {t['sequences']} seqs / {t['tokens']} tokens, best of {len(next(iter(t['times'].values())))}"
+        rounds = len(next(iter(t["times"].values())))
+        print(f"  learner alone, {t['sequences']} seqs / {t['tokens']} tokens, best of {rounds}"
               f" interleaved: " + ", ".join(f"{k} chunked/whole {v:.3f}" for k, v in t["ratios_best"].items()))
     else:
         print(f"\n(c) memory per phase of one trainer step, world size {r['world_size']} (learner + engine in one "

@@ -170,11 +170,11 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: t
 
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens}: must be >= 1")
+    # Float16Module returns the last stage's output upcast to fp32; back to the weight's dtype (exact: the values
+    # were bf16/fp16) so each chunk's product is the one the output layer computes (and the SP gather moves bf16)
+    hidden = hidden.to(weight.dtype)
     if sequence_parallel:
         hidden = gather_from_sequence_parallel_region(hidden)
-    # Float16Module returns the last stage's output upcast to fp32; back to the weight's dtype (exact: the values
-    # were bf16/fp16) so each chunk's product is the one the output layer computes
-    hidden = hidden.to(weight.dtype)
     real = (torch.arange(tokens.shape[1] - 1, device=tokens.device).unsqueeze(0)
             < (lengths.to(tokens.device) - 1).unsqueeze(1))                                  # [b, S-1]
     rows = hidden.transpose(0, 1)[:, : tokens.shape[1] - 1][real]                           # [N, h], contiguous
@@ -195,6 +195,18 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: t
             pieces.append(_chunk_logprobs(*args))
     out = torch.zeros(real.shape, dtype=torch.float32, device=rows.device)
     return out.masked_scatter(real, torch.cat(pieces))
+
+
+def chunking_conflicts(config) -> list[str]:
+    """The megatron-core features (TransformerConfig keys) under which the chunked path would compute something
+    else than GPTModel's output layer, or break a schedule, because that layer is never called (read against
+    megatron-core 0.16.1 and the GPU stack's newer source): deferred embedding wgrad (the schedule drains
+    activations the output layer would have buffered), multi-token prediction (its hidden states and loss ride on
+    the output layer's input), fine-grained activation offloading, MuP's logit multiplier, MoE-overlap schedule
+    plans (they bypass forward_step). None is set by model.bridge."""
+    keys = ("defer_embedding_wgrad_compute", "mtp_num_layers", "fine_grained_activation_offloading", "use_mup",
+            "overlap_moe_expert_parallel_comm")
+    return [k for k in keys if getattr(config, k, None)]
 
 
 def _output_weight(gpt) -> torch.Tensor:
@@ -228,6 +240,11 @@ class Learner:
         self.vocab_size = _real_vocab_size(models[0])
         self.device = next(models[0].parameters()).device
         self.step = 0
+        conflicts = chunking_conflicts(config) if learner.logprob_chunk_tokens else []
+        if conflicts:
+            raise ConfigError(f"learner.logprob_chunk_tokens={learner.logprob_chunk_tokens} bypasses the model's "
+                              f"output layer, which these megatron-core features need: {', '.join(conflicts)}; "
+                              "set learner.logprob_chunk_tokens=0 (the whole-logits path)")
         if not trainable:
             self.models, self.config, self.optimizer, self.scheduler = models, config, None, None
             for m in models:

@@ -1,5 +1,6 @@
 """`megatron-bppo eval` (issue 29): per-problem evaluation, pass@k, the paired comparison, and the command on an HF
-directory and on Megatron checkpoints saved at TP2 and PP2 (identical per-problem verdicts), both backends, bad input."""
+directory and on Megatron checkpoints saved at TP2 and PP2 (identical per-problem verdicts), both backends, bad
+input."""
 import itertools
 import json
 import os
@@ -74,7 +75,8 @@ def test_paired_compare_by_hand():
     probabilities 1/4, 1/2, 1/4, so the 95 % percentile interval is [0, 1] (P(0) = 1/4 > 2.5 %). Lengths differ by
     the same 3 tokens on both problems: interval [3, 3]. B's extra problem is not paired."""
     a = [record("x", True, 10, [True, False]), record("y", False, 20, [False, False])]
-    b = [record("y", False, 17, [False, False]), record("x", False, 7, [True, True]), record("z", True, 5, [True, True])]
+    b = [record("y", False, 17, [False, False]), record("x", False, 7, [True, True]),
+         record("z", True, 5, [True, True])]
     r = paired_compare(a, b, resamples=4000, seed=0)
     assert r["problems"] == 2 and r["only_a_correct"] == 1 and r["only_b_correct"] == 0
     assert r["figures"]["pass@1"]["diff"] == 0.5 and r["figures"]["pass@1"]["ci95"] == [0.0, 1.0]

@@ -76,6 +76,17 @@ def test_smollm2_pp2(tmp_path):
     assert_fp32_equal(result, chunks=("7", "1024"))
 
 
+def test_features_that_need_the_output_layer():
+    """The chunked path never calls GPTModel's output layer: features that hook into it are named (and Learner
+    refuses them with a ConfigError pointing at learner.logprob_chunk_tokens=0)."""
+    from types import SimpleNamespace
+
+    from megatron_bppo.learner import chunking_conflicts
+
+    assert chunking_conflicts(SimpleNamespace(defer_embedding_wgrad_compute=False, mtp_num_layers=None)) == []
+    assert chunking_conflicts(SimpleNamespace(mtp_num_layers=1, use_mup=True)) == ["mtp_num_layers", "use_mup"]
+
+
 def test_config_rejects_negative_chunk():
     with pytest.raises(ConfigError, match="learner.logprob_chunk_tokens=-1"):
         LearnerConfig(logprob_chunk_tokens=-1).validate()

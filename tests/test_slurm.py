@@ -1,5 +1,5 @@
-"""The real sbatch scripts (slurm/train.sbatch, slurm/convert.sbatch, slurm/eval.sbatch) on a real Slurm cluster: two fake nodes on
-this machine, started by slurm/local_cluster.sh (munged + slurmctld + one slurmd per node). A 2-node x 2-rank
+"""The real sbatch scripts (slurm/train.sbatch, slurm/convert.sbatch, slurm/eval.sbatch) on a real Slurm cluster:
+two fake nodes on this machine, started by slurm/local_cluster.sh (munged + slurmctld + one slurmd per node). A 2-node x 2-rank
 tiny BPPO run; a run that is signalled (SIGUSR1 to the batch shell, as --signal=B:USR1@900 does before the time
 limit), saves, requeues itself and resumes with the same per-step metrics as the uninterrupted run; a bad config
 that fails fast with the error in the job's log; a 2-node checkpoint conversion round trip and evaluation.
