@@ -24,7 +24,8 @@
     part (c) once per (path, micro-batch budget) in its own fresh process (peak RSS is per process), then the
     learner alone in one process: Learner.compute_logprobs and Learner._forward_backward on the same random
     sequences (--seqs, --lengths) with both paths and budgets interleaved (--repeats), min and median, the
-    chunked / whole time ratio per budget.
+    chunked / whole time ratio per budget. Results are saved after every run; a rerun keeps the memory runs done.
+    (With --seqs 32, about 5 k tokens, the timing alone took over 25 min on the 2-core machine: use the default 16.)
 Writes the combined results as json (--json; rerunning some --parts replaces only their entries) and prints
 one table per part.
 """
@@ -311,20 +312,31 @@ def main():
 
     results = json.load(open(args.json)) if os.path.exists(args.json) else {}   # a rerun replaces only its parts
     results = {**(results if results.get("model") == hf else {}), "model": hf, "cpu_count": os.cpu_count()}
+
+    def save():                                  # after every measured piece: a stopped run keeps what it measured
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(args.json + ".tmp", args.json)
+
     for i, part in enumerate(args.parts.split(",")):
         if part == "b":
             print(textwrap.fill(part_b_protocol(args), 118, subsequent_indent="    "), flush=True)
         if part == "d":
-            results["d"] = {"memory": {f"{c}/{m}": run_part("c", i, ["--micro-batch-tokens", str(m),
-                                                                      "--logprob-chunk-tokens", str(c)])
-                                       for c, m in variants(args)},
-                            "time": run_part("d_time", i), "variants": variants(args)}
+            # a rerun with the same variants keeps the memory runs already measured (each is a fresh process)
+            old = results.get("d", {})
+            d = results["d"] = {"variants": variants(args), "memory": (
+                old.get("memory", {}) if old.get("variants") == [list(v) for v in variants(args)] else {})}
+            for c, m in variants(args):
+                if f"{c}/{m}" not in d["memory"]:
+                    d["memory"][f"{c}/{m}"] = run_part("c", i, ["--micro-batch-tokens", str(m),
+                                                                "--logprob-chunk-tokens", str(c)])
+                    save()
+            d["time"] = run_part("d_time", i)
         else:
             results[part] = run_part(part, i)
+        save()
         report(part, results[part])
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
     print(f"[system_costs] wrote {args.json}")
 
 
