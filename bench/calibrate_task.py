@@ -188,11 +188,10 @@ def final_eval(args, engine, tokenizer, model) -> dict:
 
     cfg = task_config(args, args.presets[0], model)
     _, held_out = prompts_from_config(cfg, tokenizer)
-    marks, seconds = [time.perf_counter()], {}
+    seconds = {}
 
-    def progress(phase, tokens):            # each phase's seconds: generation and scoring
-        marks.append(time.perf_counter())
-        seconds[phase] = marks[-1] - marks[-2]
+    def progress(phase, tokens, took):      # each phase's seconds: generation and scoring
+        seconds[phase] = took
 
     problems = evaluate_problems(engine, held_out, cfg.sampling, get_reward(cfg.reward.name), cfg.reward.kwargs,
                                  args.samples, eval_seed(args.sampling_seed), progress)    # as the trainer's checks

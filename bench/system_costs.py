@@ -231,7 +231,8 @@ def part_c(args, hf):
 
 def variants(args) -> list:
     """(d): (learner.logprob_chunk_tokens, learner.micro_batch_tokens) pairs, whole logits first per budget."""
-    return [(chunk, int(m)) for m in args.mem_micro_batch_tokens.split(",") for chunk in (0, args.logprob_chunk_tokens)]
+    return [(chunk, int(m)) for m in args.mem_micro_batch_tokens.split(",")
+            for chunk in (0, args.logprob_chunk_tokens)]
 
 
 def part_d_time(args, hf):

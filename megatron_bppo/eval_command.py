@@ -111,18 +111,14 @@ def run_eval(args) -> int:
     from .data import held_out_prompts, prompts_fingerprint
     from .distributed import print_rank0
     from .evaluation import evaluate_problems, summarize
-    from .rewards import get_reward, validate_reward_kwargs
+    from .rewards import reward_from_config
     from .seeds import eval_seed
 
     started = time.time()
     source = resolve_model(args.model)
     check_output(args.out, args.overwrite)
     cfg = eval_config(source, args.data, args.config, args.overrides)
-    try:
-        reward_fn = get_reward(cfg.reward.name)
-        validate_reward_kwargs(cfg.reward.name, cfg.reward.kwargs)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"reward: {e}") from None
+    reward_fn = reward_from_config(cfg.reward)
     tokenizer = AutoTokenizer.from_pretrained(source.hf_dir, trust_remote_code=cfg.model.trust_remote_code)
     generated = args.data.startswith("arithmetic")
     limit = args.limit or (cfg.data.eval_size if generated else None)
@@ -132,15 +128,11 @@ def run_eval(args) -> int:
     print_rank0(f"[eval] {source.kind} model {source.checkpoint or source.hf_dir}: {len(prompts)} problems of "
                 f"{args.data}, greedy + {args.samples} samples at T={cfg.sampling.temperature}, max "
                 f"{cfg.sampling.max_tokens} tokens, rollout.backend={cfg.rollout.backend}")
-    clock = [time.time()]
     phases = {}
 
-    def progress(phase, tokens):
-        now = time.time()
-        phases[phase] = {"seconds": now - clock[-1], "tokens": tokens}
-        print_rank0(f"[eval] {phase}: {tokens} tokens in {now - clock[-1]:.1f}s "
-                    f"({tokens / max(now - clock[-1], 1e-9):.0f} tokens/s)")
-        clock.append(now)
+    def progress(phase, tokens, seconds):
+        phases[phase] = {"seconds": seconds, "tokens": tokens}
+        print_rank0(f"[eval] {phase}: {tokens} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.0f} tokens/s)")
 
     try:
         problems = evaluate_problems(engine, prompts, cfg.sampling, reward_fn, cfg.reward.kwargs, args.samples,

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import random
 import statistics
+import time
 from typing import Callable, Optional
 
 from .collect import score_once
@@ -29,21 +30,25 @@ def score_completions(completions, prompts, reward_fn, reward_kwargs) -> list[li
 
 
 def evaluate_problems(engine, prompts: list, sampling, reward_fn, reward_kwargs: dict, samples: int,
-                      seed: Optional[int], progress: Optional[Callable[[str, int], None]] = None) -> list[dict]:
+                      seed: Optional[int], progress: Optional[Callable[[str, int, float], None]] = None
+                      ) -> list[dict]:
     """`prompts`: rendered prompts. One record per prompt: index, id, prompt text, reference, `greedy` (one
     response at temperature 0) and, with samples > 0, `samples` (k responses at sampling.temperature / top_p with
-    sampling seed `seed`). `progress(phase, generated tokens)` is called after each phase."""
+    sampling seed `seed`). `progress(phase, generated tokens, seconds)` is called after each phase ("greedy",
+    "<k> samples"); its seconds cover generation and scoring."""
     ids = [list(r.token_ids) for r in prompts]
-    greedy_sampling = dataclasses.replace(sampling, temperature=0.0, top_p=1.0, seed=None)
-    greedy = score_completions(engine.generate(ids, 1, greedy_sampling), prompts, reward_fn, reward_kwargs)
-    if progress:
-        progress("greedy", sum(r[0]["length"] for r in greedy))
+
+    def phase(name, n, phase_sampling):
+        started = time.perf_counter()
+        scored = score_completions(engine.generate(ids, n, phase_sampling), prompts, reward_fn, reward_kwargs)
+        if progress:
+            progress(name, sum(r["length"] for s in scored for r in s), time.perf_counter() - started)
+        return scored
+
+    greedy = phase("greedy", 1, dataclasses.replace(sampling, temperature=0.0, top_p=1.0, seed=None))
     sampled = [[] for _ in prompts]
     if samples > 0:
-        drawn = dataclasses.replace(sampling, seed=seed)
-        sampled = score_completions(engine.generate(ids, samples, drawn), prompts, reward_fn, reward_kwargs)
-        if progress:
-            progress(f"{samples} samples", sum(r["length"] for s in sampled for r in s))
+        sampled = phase(f"{samples} samples", samples, dataclasses.replace(sampling, seed=seed))
     return [{"index": i, "id": str(r.example.id), "prompt": r.text, "reference": str(r.example.reference),
              "greedy": g[0], "samples": s} for i, (r, g, s) in enumerate(zip(prompts, greedy, sampled))]
 

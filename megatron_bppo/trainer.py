@@ -102,17 +102,13 @@ def setup(cfg: Config, stop: Optional[StopRequest] = None, timer: Optional[Phase
     from .learner import build_learner
     from .model.bridge import read_hf_config
     from .platform import current_platform
-    from .rewards import get_reward, validate_reward_kwargs
+    from .rewards import reward_from_config
     from .rollout import open_engine
 
     if not cfg.model.path:
         raise ConfigError("model.path is empty: set it to a Hugging Face checkpoint directory")
     hf_config = read_hf_config(cfg.model.path, cfg.model.trust_remote_code)
-    try:
-        reward_fn = get_reward(cfg.reward.name)
-        validate_reward_kwargs(cfg.reward.name, cfg.reward.kwargs)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"reward: {e}") from None
+    reward_fn = reward_from_config(cfg.reward)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     train_prompts, eval_prompts = prompts_from_config(cfg, tokenizer)
     sampler = PromptSampler(len(train_prompts), seed=cfg.data.seed, fingerprint=prompts_fingerprint(train_prompts))

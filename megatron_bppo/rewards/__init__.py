@@ -8,13 +8,14 @@
 from megatron_bppo.rewards.extract import (Extraction, extract_answer, extract_boxed, extract_hash,
                                            extract_last_number, normalize_number, to_fraction)
 from megatron_bppo.rewards.registry import (RewardFn, RewardResult, UnknownRewardError, get_reward, list_rewards,
-                                            register_reward, score_batch, validate_reward_kwargs)
+                                            register_reward, reward_from_config, score_batch,
+                                            validate_reward_kwargs)
 # importing math registers the built-in rewards "math" and "gsm8k" (registry.py does not know them)
 from megatron_bppo.rewards.math import Match, answers_match, gsm8k_reward, math_reward, reference_answer
 
 __all__ = [
     "Extraction", "Match", "RewardFn", "RewardResult", "UnknownRewardError", "answers_match", "extract_answer",
     "extract_boxed", "extract_hash", "extract_last_number", "get_reward", "gsm8k_reward", "list_rewards",
-    "math_reward", "normalize_number", "reference_answer", "register_reward", "score_batch",
+    "math_reward", "normalize_number", "reference_answer", "register_reward", "reward_from_config", "score_batch",
     "to_fraction", "validate_reward_kwargs",
 ]

@@ -34,6 +34,7 @@ __all__ = [
     "get_reward",
     "list_rewards",
     "register_reward",
+    "reward_from_config",
     "score_batch",
     "validate_reward_kwargs",
 ]
@@ -99,6 +100,20 @@ def get_reward(name: str) -> RewardFn:
     raise UnknownRewardError(
         f"unknown reward {name!r}. Registered rewards: {', '.join(names)}.{hint} Add one with "
         f"@megatron_bppo.rewards.register_reward('name') or give 'package.module:function'.")
+
+
+def reward_from_config(reward_cfg) -> RewardFn:
+    """config.RewardConfig (name, kwargs) -> its function, checked before anything is built: a ConfigError
+    (``reward: ...``) for an unknown name or kwargs the function does not take. The trainer and `megatron-bppo
+    eval` start with it."""
+    from ..errors import ConfigError
+
+    try:
+        fn = get_reward(reward_cfg.name)
+        validate_reward_kwargs(fn, reward_cfg.kwargs)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"reward: {e}") from None
+    return fn
 
 
 def validate_reward_kwargs(name_or_fn, kwargs: dict) -> None:
